@@ -1,0 +1,1 @@
+"""Data for training: corpus, tokenizer contract, packed token batches, the 1% variable length."""

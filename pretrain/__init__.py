@@ -1,0 +1,1 @@
+"""What a run does: config, objectives, schedules, the training loop, validation, sampling, checkpoints."""

@@ -1,0 +1,281 @@
+"""The one typed run config: YAML in, `section.field=value` overrides on top, validated up front.
+
+A run is described by a single `RunConfig` (model, data, optimizer and schedule, parallelism,
+validation, checkpointing, logging, sampling). Loading refuses unknown keys, wrong types and
+inconsistent values before anything is built, with one line per problem that names the field
+and the fix; the CLI turns that into a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from parallel.model_config import ModelConfig, preset
+from pretrain.schedule import ScheduleConfig
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    # "stdlib": the embedded corpus (this interpreter's standard library); "files": `paths`.
+    source: str = "stdlib"
+    paths: list[str] = field(default_factory=list)
+    max_bytes: int = 6_000_000
+    # A tokenizer.json; null trains a byte-level BPE of model.vocab_size into the run directory.
+    tokenizer: str | None = None
+    seq_len: int = 256
+    heldout_fraction: float = 0.02
+    # The paper's 1%: a micro-batch cut to a length drawn from U[1, seq_len].
+    variable_length_prob: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    # "mdm": masked diffusion (Algorithm 1); "arm": the autoregressive baseline.
+    objective: str = "mdm"
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 4
+    seed: int = 1234
+    # "auto": bf16 on GPU, fp32 on CPU.
+    precision: str = "auto"
+    zero_stage: int = 3
+    # dtype of gradient reduce-scatter / all-reduce; fp32 is the accurate default.
+    communication_dtype: str = "fp32"
+    attention_backend: str = "auto"
+    out_dir: str = "runs/tiny"
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 50
+    batches: int = 4
+    batch_size: int = 8
+    # t at the centres of `t_buckets` equal buckets of [0, 1]: a fixed grid, with fixed masks.
+    t_buckets: int = 10
+    seed: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0            # 0: only at the end
+    dir: str | None = None    # default: <out_dir>/checkpoints
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    jsonl: bool = True
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "def "
+    gen_length: int = 48
+    steps: int = 48
+    block_length: int = 48
+    temperature: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+def _coerce(value, annotation, where: str):
+    """Check `value` against a field's annotation (str, int, float, bool, lists, tuples, Optional)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        if origin is tuple and len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        items = [_coerce(v, args[i] if origin is tuple else args[0], f"{where}[{i}]")
+                 for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {annotation}")
+
+
+def _apply(section, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    names = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key; known keys of '{prefix.rstrip('.') or 'config'}'"
+                              f" are {', '.join(sorted(names))}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key}: expected a mapping of fields")
+            _apply(getattr(section, key), value, f"{prefix}{key}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'train.steps=20' -> (['train', 'steps'], 20); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.field=value, e.g. train.steps=20")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """Build and validate a RunConfig from a YAML file (or defaults) and overrides."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {str(p)!r}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {p}: not valid YAML ({e})".replace("\n", " ")) from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {p}: expected a mapping of sections at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+
+    cfg = RunConfig()
+    model_raw = dict(raw.pop("model", None) or {})
+    preset_name = model_raw.pop("preset", "tiny")
+    try:
+        cfg.model = preset(preset_name)
+    except KeyError as e:
+        raise ConfigError(f"model.preset: {e.args[0]}") from None
+    _apply(cfg.model, model_raw, "model.")
+    _apply(cfg, raw, "")
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Every problem with the config, one line each naming the field and the fix."""
+    out = list(cfg.model.problems()) + list(cfg.schedule.problems())
+    t, d, v = cfg.train, cfg.data, cfg.validation
+    if t.objective not in ("mdm", "arm"):
+        out.append(f"train.objective: {t.objective!r} is not 'mdm' or 'arm'")
+    elif cfg.model.causal != (t.objective == "arm"):
+        out.append(f"model.causal: is {cfg.model.causal} but train.objective is {t.objective!r}; "
+                   f"the AR baseline ('arm') needs a causal model and the MDM a bidirectional one")
+    for name in ("steps", "micro_batch_size", "global_batch_size"):
+        if getattr(t, name) <= 0:
+            out.append(f"train.{name}: must be positive, got {getattr(t, name)}")
+    if t.micro_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
+        out.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                   f"train.micro_batch_size {t.micro_batch_size}")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        out.append(f"train.precision: {t.precision!r} is not auto, fp32 or bf16")
+    if t.zero_stage not in (0, 1, 2, 3):
+        out.append(f"train.zero_stage: {t.zero_stage} is not 0, 1, 2 or 3")
+    if t.communication_dtype not in ("fp32", "bf16"):
+        out.append(f"train.communication_dtype: {t.communication_dtype!r} is not fp32 or bf16")
+    if t.attention_backend not in ("auto", "flash", "sdpa"):
+        out.append(f"train.attention_backend: {t.attention_backend!r} is not auto, flash or sdpa")
+    if d.source not in ("stdlib", "files"):
+        out.append(f"data.source: {d.source!r} is not 'stdlib' or 'files'")
+    if d.source == "files" and not d.paths:
+        out.append("data.paths: data.source is 'files' but no paths are given")
+    for p in d.paths:
+        if not Path(p).is_file():
+            out.append(f"data.paths: no such file {p!r}")
+    if d.tokenizer is not None and not Path(d.tokenizer).is_file():
+        out.append(f"data.tokenizer: no such file {d.tokenizer!r}; give a tokenizer.json or null "
+                   f"to train one")
+    if d.seq_len <= 0 or d.seq_len > cfg.model.max_sequence_length:
+        out.append(f"data.seq_len: {d.seq_len} must lie in [1, model.max_sequence_length "
+                   f"{cfg.model.max_sequence_length}]")
+    if not 0 < d.heldout_fraction < 1:
+        out.append(f"data.heldout_fraction: {d.heldout_fraction} must lie in (0, 1)")
+    if not 0 <= d.variable_length_prob <= 1:
+        out.append(f"data.variable_length_prob: {d.variable_length_prob} must lie in [0, 1]")
+    if d.max_bytes <= 0:
+        out.append(f"data.max_bytes: must be positive, got {d.max_bytes}")
+    for name in ("every", "batches", "batch_size", "t_buckets"):
+        if getattr(v, name) < (0 if name == "every" else 1):
+            out.append(f"validation.{name}: must be {'>= 0' if name == 'every' else 'positive'}")
+    if cfg.checkpoint.every < 0:
+        out.append("checkpoint.every: must be >= 0 (0 saves only at the end)")
+    if cfg.logging.every <= 0:
+        out.append("logging.every: must be positive")
+    s = cfg.sample
+    if s.gen_length <= 0 or s.block_length <= 0 or s.gen_length % s.block_length:
+        out.append(f"sample.block_length: {s.block_length} must divide sample.gen_length {s.gen_length}")
+    elif s.steps <= 0 or s.steps % (s.gen_length // s.block_length):
+        out.append(f"sample.steps: {s.steps} must be a positive multiple of the number of blocks "
+                   f"{s.gen_length // s.block_length}")
+    if s.temperature < 0:
+        out.append("sample.temperature: must be >= 0")
+    lo, hi = cfg.optim.betas
+    if not (0 <= lo < 1 and 0 <= hi < 1):
+        out.append(f"optim.betas: {cfg.optim.betas} must lie in [0, 1)")
+    if cfg.optim.grad_clip < 0 or cfg.optim.weight_decay < 0 or cfg.optim.eps <= 0:
+        out.append("optim.grad_clip / optim.weight_decay must be >= 0 and optim.eps > 0")
+    return out

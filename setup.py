@@ -1,0 +1,15 @@
+"""Installs the LLaDA pretraining stack's three packages: pretrain, parallel, data_pipeline."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llada-stack",
+    version="0.1.0",
+    description="Pretraining stack for LLaDA masked diffusion language models on DeepSpeed",
+    packages=find_packages(include=["pretrain", "pretrain.*", "parallel", "parallel.*",
+                                    "data_pipeline", "data_pipeline.*"]),
+    python_requires=">=3.10",
+    install_requires=[line.strip() for line in open("requirements.txt")
+                      if line.strip() and not line.startswith("#") and line.strip() != "pytest"],
+    extras_require={"test": ["pytest"]},
+)

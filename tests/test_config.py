@@ -1,0 +1,71 @@
+"""The run config refuses bad input up front, with one line naming the field.
+
+Covers YAML + override loading, the presets, and the validation the training CLI relies on
+(an unknown key, heads not dividing d_model, a negative step count, a missing file), both as
+`ConfigError` messages and as the CLI's non-zero exit.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+from pretrain.train import main
+
+TINY = "recipes/tiny.yaml"
+
+
+def test_recipe_loads_and_overrides_apply():
+    cfg = load_config(TINY, ["train.steps=7", "model.n_layers=2", "optim.betas=[0.8, 0.9]"])
+    assert cfg.train.steps == 7
+    assert cfg.model.n_layers == 2
+    assert cfg.model.d_model == 128  # from the tiny preset
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.schedule.kind == "llada_pretrain"
+
+
+def test_defaults_follow_the_paper():
+    cfg = load_config(None, ["model.preset=llada_8b", "data.seq_len=4096"])
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.eps == 1e-8
+    assert cfg.optim.weight_decay == 0.1
+    assert cfg.schedule.peak_lr == 4e-4 and cfg.schedule.warmup_steps == 2000
+    assert cfg.model.vocab_size == 126464 and cfg.model.n_layers == 32
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.stepz=3", "train.stepz"),
+    ("model.n_heads=3", "model.n_heads"),
+    ("train.steps=-1", "train.steps"),
+    ("data.tokenizer=/no/such/tokenizer.json", "data.tokenizer"),
+    ("data.paths=['/no/such/file.txt']", "data.paths"),
+    ("train.micro_batch_size=3", "train.global_batch_size"),
+    ("train.objective=arm", "model.causal"),
+    ("model.preset=gpt5", "model.preset"),
+    ("train.steps=ten", "train.steps"),
+    ("sample.block_length=5", "sample.block_length"),
+    ("schedule.kind=sft", "schedule.total_steps"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert str(err.value).startswith(field)
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="--config: no such file"):
+        load_config("recipes/none.yaml")
+
+
+def test_cli_exits_nonzero_with_one_line(capsys):
+    assert main(["--config", TINY, "model.n_heads=3", "model.n_kv_heads=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["config error: model.n_heads: 3 does not divide model.d_model 128; "
+                   "pick a head count that divides it"]
+
+
+def test_cli_process_exit_code(subprocess_env):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", TINY, "train.foo=1"],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env)
+    assert proc.returncode == 2
+    assert "train.foo: unknown key" in proc.stderr
