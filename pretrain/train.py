@@ -52,11 +52,12 @@ def quiet_libraries() -> None:
 
 
 def prepare_tokenizer(cfg: RunConfig, out_dir: Path, rank: int):
-    """The configured tokenizer, or a byte-level BPE trained on the corpus (rank 0, once)."""
+    """The configured tokenizer, or a byte-level BPE trained afresh on the corpus by rank 0
+    (deterministic and a few seconds, so a reused run directory never keeps a stale one)."""
     files = stdlib_corpus_files(cfg.data.max_bytes) if cfg.data.source == "stdlib" else [
         Path(p) for p in cfg.data.paths]
     path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else out_dir / "tokenizer.json"
-    if cfg.data.tokenizer is None and rank == 0 and not path.exists():
+    if cfg.data.tokenizer is None and rank == 0:
         train_bpe(files, cfg.model.vocab_size, path)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -212,11 +213,10 @@ def run(cfg: RunConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        run(load_config(args.config, args.overrides))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
     return 0
 
 

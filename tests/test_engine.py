@@ -60,6 +60,26 @@ def test_zero3_accumulation_matches_one_batch_and_control_fails():
     assert max_diff(control, reference) > 1e-3
 
 
+def test_zero3_skips_a_step_whose_gradient_is_not_finite():
+    """The trainer counts a step as skipped when the engine's gradient norm is not finite;
+    this pins that ZeRO-3 then really leaves the weights untouched."""
+    torch.manual_seed(0)
+    model = LLaDAModel(CFG)
+    engine = ds.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-2), ds.deepspeed_config(
+        micro_batch_size=4, grad_accum_steps=1, zero_stage=3, bf16=False,
+        communication_dtype="fp32", grad_clip=1.0))
+    batch = DATA[0]
+    before = ds.full_state_dict(engine.module)
+    engine.backward(engine(batch).float().mean() * float("nan"))
+    engine.step()
+    assert not torch.isfinite(torch.as_tensor(engine.get_global_grad_norm()))
+    assert max_diff(ds.full_state_dict(engine.module), before) == 0.0
+    engine.backward(engine(batch).float().mean())
+    engine.step()
+    assert torch.isfinite(torch.as_tensor(engine.get_global_grad_norm()))
+    assert max_diff(ds.full_state_dict(engine.module), before) > 0.0
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_engine_config_precision(bf16):
     cfg = ds.deepspeed_config(micro_batch_size=4, grad_accum_steps=8, zero_stage=3, bf16=bf16,
