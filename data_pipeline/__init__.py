@@ -1,1 +1,1 @@
-"""Data for training: corpus, tokenizer contract, packed token batches, the 1% variable length."""
+"""Data for training and evaluation: corpus, tokenizer contract, shard preparation and format, the streaming packed stream with the 1% variable length, SFT batches, the evaluation sampler."""

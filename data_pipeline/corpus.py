@@ -15,6 +15,7 @@ import pathlib
 import sysconfig
 
 PROSE_FILE = pathlib.PurePosixPath("pydoc_data/topics.py")
+PROSE_TEXT = "pydoc_topics.txt"
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "encodings"})
 
 
@@ -23,21 +24,29 @@ def stdlib_root() -> pathlib.Path:
 
 
 def read_text_document(path: str | os.PathLike) -> str:
-    """The file's text, decoded as strict UTF-8 (line endings kept as they are); for the prose
-    file, the prose itself rather than the Python source that holds it."""
+    """The file's text, decoded as strict UTF-8 (line endings kept as they are)."""
     path = pathlib.Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"corpus file not found: {path}") from None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(
             f"{path}: not valid UTF-8 at byte offset {err.start} ({err.reason}); "
             "corpus documents must be UTF-8 text"
         ) from None
-    return _topics_prose(text, path) if path.as_posix().endswith(str(PROSE_FILE)) else text
+
+
+def stdlib_corpus(out_dir: str | os.PathLike, max_bytes: int | None = None) -> list[pathlib.Path]:
+    """The demo corpus as plain text files: the language reference's prose, written to
+    `out_dir/pydoc_topics.txt`, then the modules of `stdlib_corpus_files(max_bytes)`."""
+    files = stdlib_corpus_files(max_bytes)
+    prose = pathlib.Path(out_dir) / PROSE_TEXT
+    prose.parent.mkdir(parents=True, exist_ok=True)
+    prose.write_text(_topics_prose(read_text_document(files[0]), files[0]), encoding="utf-8")
+    return [prose] + files[1:]
 
 
 def _topics_prose(source: str, path: pathlib.Path) -> str:
@@ -88,3 +97,14 @@ def _is_utf8(path: pathlib.Path) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def split_heldout(files: list[pathlib.Path], fraction: float) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+    """(training files, held-out files): every k-th file is held out, k = round(1 / fraction),
+    so the held-out documents are spread over the corpus and never trained on."""
+    k = max(2, round(1 / fraction))
+    heldout = [f for i, f in enumerate(files) if i % k == k - 1]
+    if not heldout:
+        raise ValueError(f"{len(files)} corpus files are too few to hold out every {k}th; add "
+                         f"files or raise data.heldout_fraction")
+    return [f for i, f in enumerate(files) if i % k != k - 1], heldout

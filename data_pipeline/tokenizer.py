@@ -8,6 +8,7 @@ manifests carry `sha256` so data tokenized with one tokenizer is never trained w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pathlib
@@ -55,6 +56,25 @@ class TokenizerInfo:
         """Token ids of `text`; no BOS/EOS or other special token is added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of raw corpus text: special-token strings in it (a literal "<|endoftext|>" on
+        a web page) are encoded as the plain text they are, never as special ids."""
+        return self._plain_text_tokenizer.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _plain_text_tokenizer(self) -> Tokenizer:
+        """A copy of the tokenizer with `encode_special_tokens` on, so `encode` keeps its behaviour."""
+        tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+        tokenizer.encode_special_tokens = True
+        return tokenizer
+
+    def __getstate__(self) -> dict:
+        """Pickle (e.g. to worker processes) without the plain-text copy: the tokenizers library
+        does not serialize `encode_special_tokens`, so the copy is rebuilt after unpickling."""
+        state = dict(self.__dict__)
+        state.pop("_plain_text_tokenizer", None)
+        return state
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` of each text, in parallel inside the tokenizers library."""
         return [enc.ids for enc in self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
@@ -71,6 +91,14 @@ def load_tokenizer(path: str | os.PathLike) -> TokenizerInfo:
         raise FileNotFoundError(f"tokenizer file not found: {path}") from None
     tokenizer = Tokenizer.from_str(data.decode("utf-8"))
     return TokenizerInfo(tokenizer, path, hashlib.sha256(data).hexdigest())
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple`, so an embedding table (or LM head)
+    splits evenly over tensor-parallel ranks (and keeps aligned, e.g. multiple = 128 x TP)."""
+    if vocab_size < 1 or multiple < 1:
+        raise ValueError(f"vocab_size and multiple must be positive, got {vocab_size} and {multiple}")
+    return -(-vocab_size // multiple) * multiple
 
 
 def check_fits_model(info: TokenizerInfo, model_vocab_size: int) -> None:

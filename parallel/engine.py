@@ -15,6 +15,8 @@ import socket
 
 import torch
 
+from parallel.topology import coordinates
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -84,11 +86,12 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
     return engine
 
 
-def data_parallel_rank_and_size() -> tuple[int, int]:
-    """(rank, size) of this process among the data-parallel replicas (every rank at TP=PP=1)."""
+def data_parallel_rank_and_size(tp_size: int = 1, pp_size: int = 1) -> tuple[int, int]:
+    """(rank, size) of this process among the data-parallel replicas."""
     if not torch.distributed.is_initialized():
         return 0, 1
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    c = coordinates(torch.distributed.get_rank(), torch.distributed.get_world_size(), tp_size, pp_size)
+    return c.dp_rank, c.dp_size
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -1,14 +1,16 @@
 """Checkpoints that are complete or absent.
 
-DeepSpeed writes its sharded model and optimizer states under a temporary tag; rank 0 adds
-the whole weights as `model.safetensors` (what sampling and export read), the resolved
-config and the tokenizer, then renames the directory to `step_XXXXXXXX` and replaces the
+DeepSpeed writes its sharded model and optimizer states under a temporary tag; every rank
+adds its own state (`rank_XXXXX.json`: the data stream's position); rank 0 adds the whole
+weights as `model.safetensors` (what sampling and export read), the resolved config and the
+tokenizer, then, once every rank has written, renames the directory to `step_XXXXXXXX` and replaces the
 `latest` file, both atomic on one file system. A crash at any point leaves `latest` naming
 the previous complete checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -35,14 +37,18 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, root: str | Path, step: int, *, client_state: dict,
+def save_checkpoint(engine, root: str | Path, step: int, *, client_state: dict, rank_state: dict,
                     config: dict, tokenizer_path: str | Path) -> Path:
-    """Save every rank's shards and rank 0's extras for `step`; returns the published path."""
+    """Save every rank's shards and state and rank 0's extras for `step`; returns the published path."""
     root = Path(root)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    distributed = torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
     tmp_tag = f".tmp-{tag_of(step)}"
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    _write_atomic(root / tmp_tag / f"rank_{rank:05d}.json", json.dumps(rank_state))
     weights = full_state_dict(engine.module)
+    if distributed:
+        torch.distributed.barrier()  # every rank's files are in place before rank 0 publishes
     final = root / tag_of(step)
     if rank == 0:
         tmp = root / tmp_tag
@@ -55,6 +61,6 @@ def save_checkpoint(engine, root: str | Path, step: int, *, client_state: dict,
         os.replace(tmp, final)
         _write_atomic(root / LATEST, tag_of(step))
         shutil.rmtree(replaced, ignore_errors=True)
-    if torch.distributed.is_initialized():
+    if distributed:
         torch.distributed.barrier()
     return final

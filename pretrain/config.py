@@ -26,17 +26,35 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class DataSource:
+    """A directory prepared by `python -m data_pipeline.prepare`, drawn with `weight`."""
+    path: str = ""
+    weight: float = 1.0
+    name: str | None = None  # default: the directory's name
+
+
+@dataclass
 class DataConfig:
-    # "stdlib": the embedded corpus (this interpreter's standard library); "files": `paths`.
+    # "shards": prepared `sources`; "stdlib" (the embedded corpus: this interpreter's standard
+    # library) and "files" (`paths`) are prepared into the run directory at start.
     source: str = "stdlib"
+    sources: list[DataSource] = field(default_factory=list)
+    # A prepared directory of held-out data ("shards" only; the others hold out a share of files).
+    validation_path: str | None = None
     paths: list[str] = field(default_factory=list)
     max_bytes: int = 6_000_000
-    # A tokenizer.json; null trains a byte-level BPE of model.vocab_size into the run directory.
-    tokenizer: str | None = None
-    seq_len: int = 256
     heldout_fraction: float = 0.02
-    # The paper's 1%: a micro-batch cut to a length drawn from U[1, seq_len].
+    # A tokenizer.json; null trains a byte-level BPE of model.vocab_size on the corpus.
+    tokenizer: str | None = None
+    # > 0: model.vocab_size becomes the tokenizer's size rounded up to this multiple (what
+    # tensor-parallel embedding splits need); 0: model.vocab_size as configured.
+    pad_vocab_to_multiple: int = 0
+    seq_len: int = 256
+    num_workers: int = 2
+    # The paper's 1%: a micro-batch cut to a length drawn from U[1, seq_len]; "carry" keeps the
+    # cut tokens for the next batch, "discard" drops them as the reference code does.
     variable_length_prob: float = 0.01
+    variable_length_mode: str = "carry"
 
 
 @dataclass
@@ -124,6 +142,12 @@ def _coerce(value, annotation, where: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields")
+        item = annotation()
+        _apply(item, value, f"{where}.")
+        return item
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -161,12 +185,7 @@ def _apply(section, values: dict, prefix: str) -> None:
         if key not in names:
             raise ConfigError(f"{prefix}{key}: unknown key; known keys of '{prefix.rstrip('.') or 'config'}'"
                               f" are {', '.join(sorted(names))}")
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{key}: expected a mapping of fields")
-            _apply(getattr(section, key), value, f"{prefix}{key}.")
-        else:
-            setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
+        setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -239,13 +258,39 @@ def validate(cfg: RunConfig) -> list[str]:
         out.append(f"train.communication_dtype: {t.communication_dtype!r} is not fp32 or bf16")
     if t.attention_backend not in ("auto", "flash", "sdpa"):
         out.append(f"train.attention_backend: {t.attention_backend!r} is not auto, flash or sdpa")
-    if d.source not in ("stdlib", "files"):
-        out.append(f"data.source: {d.source!r} is not 'stdlib' or 'files'")
+    if d.source not in ("stdlib", "files", "shards"):
+        out.append(f"data.source: {d.source!r} is not 'stdlib', 'files' or 'shards'")
     if d.source == "files" and not d.paths:
         out.append("data.paths: data.source is 'files' but no paths are given")
     for p in d.paths:
-        if not Path(p).is_file():
-            out.append(f"data.paths: no such file {p!r}")
+        if not Path(p).exists():
+            out.append(f"data.paths: no such file or directory {p!r}")
+    if d.source == "shards":
+        if not d.sources:
+            out.append("data.sources: data.source is 'shards' but no sources are given; list "
+                       "prepared directories as {path: DIR, weight: W}")
+        if d.tokenizer is None:
+            out.append("data.tokenizer: prepared shards need the tokenizer.json they were prepared with")
+        if v.every and d.validation_path is None:
+            out.append("data.validation_path: validation needs a prepared held-out directory "
+                       "(or set validation.every=0)")
+    for i, src in enumerate(d.sources):
+        if not Path(src.path, "manifest.json").is_file():
+            out.append(f"data.sources[{i}].path: no manifest.json in {src.path!r}; prepare it with "
+                       f"`python -m data_pipeline.prepare`")
+        if src.weight <= 0:
+            out.append(f"data.sources[{i}].weight: must be positive, got {src.weight}")
+    names = [src.name or Path(src.path).name for src in d.sources]
+    if len(set(names)) != len(names):
+        out.append(f"data.sources: names {names} repeat; give each source a distinct name")
+    if d.validation_path is not None and not Path(d.validation_path, "manifest.json").is_file():
+        out.append(f"data.validation_path: no manifest.json in {d.validation_path!r}")
+    if d.pad_vocab_to_multiple < 0:
+        out.append(f"data.pad_vocab_to_multiple: must be >= 0, got {d.pad_vocab_to_multiple}")
+    if d.num_workers < 0:
+        out.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if d.variable_length_mode not in ("carry", "discard"):
+        out.append(f"data.variable_length_mode: {d.variable_length_mode!r} is not 'carry' or 'discard'")
     if d.tokenizer is not None and not Path(d.tokenizer).is_file():
         out.append(f"data.tokenizer: no such file {d.tokenizer!r}; give a tokenizer.json or null "
                    f"to train one")

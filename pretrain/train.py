@@ -20,15 +20,12 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.corpus import stdlib_corpus_files
-from data_pipeline.packed import PackedTokens, tokenize_files
 from data_pipeline.seeding import keyed_generator
-from data_pipeline.tokenizer import check_fits_model, load_tokenizer, train_bpe
-from data_pipeline.variable_length import shorten_batch
 from parallel import engine as ds
 from parallel.model import LLaDAModel, no_weight_decay
 from pretrain.checkpoint import save_checkpoint
 from pretrain.config import ConfigError, RunConfig, load_config
+from pretrain.data_setup import build_training_data
 from pretrain.metrics import MetricsLogger
 from pretrain.objectives import ar_loss, forward_process, pretrain_loss
 from pretrain.sampling import generate, generate_autoregressive, strip_at_eos
@@ -51,21 +48,6 @@ def quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def prepare_tokenizer(cfg: RunConfig, out_dir: Path, rank: int):
-    """The configured tokenizer, or a byte-level BPE trained afresh on the corpus by rank 0
-    (deterministic and a few seconds, so a reused run directory never keeps a stale one)."""
-    files = stdlib_corpus_files(cfg.data.max_bytes) if cfg.data.source == "stdlib" else [
-        Path(p) for p in cfg.data.paths]
-    path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else out_dir / "tokenizer.json"
-    if cfg.data.tokenizer is None and rank == 0:
-        train_bpe(files, cfg.model.vocab_size, path)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    tok = load_tokenizer(path)
-    check_fits_model(tok, cfg.model.vocab_size)
-    return tok, files
-
-
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -74,6 +56,15 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.schedule.peak_lr, betas=cfg.optim.betas,
                              eps=cfg.optim.eps)
+
+
+def source_metrics(counters: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Per-source tokens summed over data-parallel ranks, and each source's epoch on this rank."""
+    names = sorted(counters)
+    totals = all_reduce_sum([counters[n]["tokens"] for n in names])
+    out = {f"data/{n}/tokens": t for n, t in zip(names, totals)}
+    out.update({f"data/{n}/epoch": counters[n]["epoch"] for n in names})
+    return out
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -117,11 +108,9 @@ def run(cfg: RunConfig) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-    tok, files = prepare_tokenizer(cfg, out_dir, rank)
-    mask_id = tok.mask_id
-    data = PackedTokens(tokenize_files(tok, files), cfg.data.heldout_fraction, cfg.data.seq_len)
-    val_batches = [b.to(device) for b in data.heldout_batches(cfg.validation.batches,
-                                                               cfg.validation.batch_size)]
+    data = build_training_data(cfg, out_dir, rank=rank, dp_rank=dp_rank, dp_size=dp_size,
+                               device=device)
+    tok, mask_id = data.tokenizer, data.tokenizer.mask_id
 
     torch.manual_seed(cfg.train.seed)
     model = LLaDAModel(cfg.model, attention_backend=cfg.train.attention_backend)
@@ -139,13 +128,12 @@ def run(cfg: RunConfig) -> None:
     log = MetricsLogger(out_dir, total_steps=cfg.train.steps, enabled=rank == 0,
                         jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                         progress_bar=cfg.logging.progress_bar)
-    log.print(f"model {n_params / 1e6:.2f}M params | tokenizer {tok.vocab_size} | corpus "
-              f"{len(files)} files, {len(data.train_tokens):,} train / {len(data.heldout_tokens):,} held-out "
-              f"tokens | dp {dp_size} x micro {cfg.train.micro_batch_size} x accum {grad_accum}")
+    log.print(f"model {n_params / 1e6:.2f}M params | tokenizer {tok.vocab_size} | data "
+              f"{data.description} | dp {dp_size} x micro {cfg.train.micro_batch_size} x accum {grad_accum}")
 
     def validate(step: int) -> dict:
         engine.module.eval()
-        result = heldout_metrics(engine.module, val_batches, objective=cfg.train.objective,
+        result = heldout_metrics(engine.module, data.validation_batches, objective=cfg.train.objective,
                                  mask_id=mask_id, t_buckets=cfg.validation.t_buckets,
                                  seed=cfg.validation.seed)
         engine.module.train()
@@ -157,6 +145,7 @@ def run(cfg: RunConfig) -> None:
         start = time.time()
         path = save_checkpoint(engine, cfg.checkpoint.dir or out_dir / "checkpoints", step,
                                client_state={"step": step, "tokens_seen": tokens_seen},
+                               rank_state={"data": data.loader.state_dict()},
                                config=cfg.to_dict(), tokenizer_path=tok.path)
         log.log(step, {"checkpoint/seconds": time.time() - start})
         log.print(f"step {step}: saved {path}")
@@ -173,9 +162,7 @@ def run(cfg: RunConfig) -> None:
         start = time.time()
         loss_sum, tokens = 0.0, 0
         for micro in range(grad_accum):
-            batch = data.train_batch(cfg.train.micro_batch_size, seed, step, micro, dp_rank)
-            batch = shorten_batch(batch, keyed_generator(seed, "length", step, micro, dp_rank),
-                                  cfg.data.variable_length_prob).to(device)
+            batch = next(data.loader).tokens.to(device)
             loss = micro_batch_loss(engine, cfg, batch, mask_id,
                                     keyed_generator(seed, "noise", step, micro, dp_rank, device=device))
             engine.backward(loss)
@@ -194,7 +181,8 @@ def run(cfg: RunConfig) -> None:
         log.advance(step_loss, tokens / elapsed)
         if done % cfg.logging.every == 0 or done == cfg.train.steps:
             log.log(done, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                           "tokens_per_s": tokens / elapsed, "skipped_steps": skipped})
+                           "tokens_per_s": tokens / elapsed, "skipped_steps": skipped,
+                           **source_metrics(data.loader.counters())})
         if cfg.validation.every and (done % cfg.validation.every == 0 or done == cfg.train.steps):
             last_val = validate(done)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.train.steps:
@@ -207,6 +195,7 @@ def run(cfg: RunConfig) -> None:
     log.print(f"sample (prompt {cfg.sample.prompt!r}):\n{text}")
     if first_val and last_val:
         log.print(f"held-out loss {first_val['val/loss']:.4f} -> {last_val['val/loss']:.4f}")
+    data.loader.close()
     log.close()
 
 

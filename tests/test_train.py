@@ -2,7 +2,8 @@
 
 One real run of `python -m pretrain.train --config recipes/tiny.yaml` with a smaller model and
 fewer steps (a DeepSpeed ZeRO-3 engine at world size 1, the BPE tokenizer trained on the
-standard library): held-out loss falls by a clear margin, checkpoints publish completely with
+standard library, the corpus prepared as shards and streamed by 2 loader workers): held-out
+loss falls by a clear margin, checkpoints publish completely with
 `latest` naming the newest, the saved weights carry the released names, and the closing
 sample contains no mask token. The run directory is shared by the tests of this module.
 """
@@ -22,8 +23,8 @@ from parallel.model_config import ModelConfig
 
 STEPS = 40
 OVERRIDES = [
-    "model.n_layers=2", "model.vocab_size=512",
-    "data.max_bytes=1500000", f"train.steps={STEPS}", "train.micro_batch_size=8",
+    "model.n_layers=2", "model.vocab_size=500", "data.pad_vocab_to_multiple=64",
+    "data.max_bytes=1500000", "data.heldout_fraction=0.1", f"train.steps={STEPS}", "train.micro_batch_size=8",
     "train.global_batch_size=16", "schedule.warmup_steps=5", "schedule.stable_tokens=30000",
     "schedule.mid_tokens=10000", "schedule.decay_tokens=5000", "validation.every=20",
     "validation.batches=2", "checkpoint.every=20", "logging.every=5", "logging.progress_bar=false",
@@ -57,6 +58,7 @@ def test_heldout_loss_falls_clearly(run_dir):
 
 def test_training_metrics_are_logged(run_dir):
     train = [r for r in records(run_dir) if "loss" in r]
+    assert [r["data/train/tokens"] for r in train] == [r["tokens"] for r in train]
     assert [r["step"] for r in train] == list(range(5, STEPS + 1, 5))
     assert all(r["skipped_steps"] == 0 and r["grad_norm"] > 0 for r in train)
     tokens = [r["tokens"] for r in train]
@@ -71,6 +73,8 @@ def test_checkpoints_publish_complete(run_dir):
     for step in (20, 40):
         ckpt = root / f"step_{step:08d}"
         assert (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+        data_state = json.loads((ckpt / "rank_00000.json").read_text())["data"]
+        assert data_state["dp_size"] == 1 and data_state["batch_size"] == 8
         saved = yaml.safe_load((ckpt / "config.yaml").read_text())
         assert saved["train"]["steps"] == STEPS
     weights = load_file(str(root / "step_00000040" / "model.safetensors"))
@@ -79,11 +83,13 @@ def test_checkpoints_publish_complete(run_dir):
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in weights.items()} == expected
     assert "model.transformer.blocks.1.ff_out.weight" in weights
+    # the 500-token BPE's vocabulary padded to a multiple of 64
+    assert cfg["vocab_size"] == 512 and weights["model.transformer.wte.weight"].shape[0] == 512
 
 
 def test_sample_has_no_mask_token(run_dir):
     sample = [r for r in records(run_dir) if "sample/ids" in r][-1]
-    tok = load_tokenizer(run_dir / "tokenizer.json")
+    tok = load_tokenizer(run_dir / "data" / "tokenizer.json")
     assert 0 < len(sample["sample/ids"]) <= 16
     assert tok.mask_id not in sample["sample/ids"]
     prompt = yaml.safe_load(Path("recipes/tiny.yaml").read_text())["sample"]["prompt"]

@@ -1,16 +1,11 @@
-"""The demo's data path: stdlib corpus, byte-level BPE contract, packed batches, the 1% variable length."""
+"""The embedded corpus (this interpreter's standard library), its held-out split, and the tokenizer contract."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
-from data_pipeline.corpus import read_text_document, stdlib_corpus_files
-from data_pipeline.packed import PackedTokens, tokenize_files
-from data_pipeline.seeding import keyed_generator
+from data_pipeline.corpus import read_text_document, split_heldout, stdlib_corpus, stdlib_corpus_files
 from data_pipeline.tokenizer import SPECIAL_TOKENS, check_fits_model, load_tokenizer, train_bpe
-from data_pipeline.variable_length import shorten_batch
 
 SLICE_BYTES = 150_000
 VOCAB = 512
@@ -100,70 +95,20 @@ def test_check_fits_model(tokenizer):
         check_fits_model(tokenizer, tokenizer.vocab_size - 1)
 
 
-def test_tokenize_files_ends_each_document_with_one_eos(tokenizer, tmp_path):
-    documents = ["def f():\n    return 1\n", "Plain English prose.\n\n", "x = [1, 2]\n"]
-    paths = []
-    for i, text in enumerate(documents):
-        paths.append(tmp_path / f"doc{i}.py")
-        paths[-1].write_text(text, encoding="utf-8")
-    for workers in (1, 2):
-        stream = tokenize_files(tokenizer, paths, workers=workers)
-        assert stream.dtype == np.uint32
-        eos_positions = np.flatnonzero(stream == tokenizer.eos_id)
-        assert len(eos_positions) == len(documents) and eos_positions[-1] == len(stream) - 1
-        pieces = np.split(stream, eos_positions[:-1] + 1)
-        assert [tokenizer.decode(piece[:-1].tolist()) for piece in pieces] == documents
+def test_heldout_files_are_spread_and_disjoint():
+    files = stdlib_corpus_files(2_000_000)
+    train, heldout = split_heldout(files, 0.1)
+    assert heldout == files[9::10]
+    assert set(train).isdisjoint(heldout) and len(train) + len(heldout) == len(files)
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        split_heldout(files[:3], 0.1)
 
 
-def make_packed(seq_len=16, heldout_fraction=0.1, n_tokens=10_000):
-    return PackedTokens(np.arange(n_tokens, dtype=np.uint32), heldout_fraction, seq_len)
-
-
-def test_train_batch_is_keyed():
-    packed = make_packed()
-    batch = packed.train_batch(8, seed=1, step=3, micro_step=0, dp_rank=0)
-    assert batch.dtype == torch.int64 and batch.shape == (8, 16)
-    assert torch.equal(batch, packed.train_batch(8, seed=1, step=3, micro_step=0, dp_rank=0))
-    for other in ({"step": 4, "micro_step": 0, "dp_rank": 0}, {"step": 3, "micro_step": 1, "dp_rank": 0},
-                  {"step": 3, "micro_step": 0, "dp_rank": 1}):
-        assert not torch.equal(batch, packed.train_batch(8, seed=1, **other))
-    assert torch.all(batch[:, 1:] - batch[:, :-1] == 1)  # contiguous windows of the stream
-
-
-def test_heldout_batches_are_fixed_and_apart_from_training():
-    packed = make_packed()
-    batches = packed.heldout_batches(n_batches=3, batch_size=4)
-    assert all(torch.equal(a, b) for a, b in zip(batches, packed.heldout_batches(n_batches=3, batch_size=4)))
-    heldout = torch.cat(batches).flatten()
-    assert heldout.unique().numel() == heldout.numel()
-    first_heldout = int(heldout.min())
-    for step in range(50):
-        assert int(packed.train_batch(8, seed=0, step=step, micro_step=0, dp_rank=0).max()) < first_heldout
-    with pytest.raises(ValueError, match="data.heldout_fraction"):
-        packed.heldout_batches(n_batches=100, batch_size=4)
-
-
-def test_too_short_parts_are_refused():
-    with pytest.raises(ValueError, match=r"data\.heldout_fraction.*data\.seq_len"):
-        make_packed(seq_len=16, heldout_fraction=0.001)
-    with pytest.raises(ValueError, match=r"training part.*data\.seq_len"):
-        make_packed(seq_len=2000, heldout_fraction=0.9)
-
-
-def test_shorten_batch_extremes():
-    batch = torch.arange(4 * 32).reshape(4, 32)
-    for key in range(50):
-        cut = shorten_batch(batch, keyed_generator(0, "len", key), prob=1.0)
-        assert 1 <= cut.shape[1] <= 32 and torch.equal(cut, batch[:, : cut.shape[1]])
-        assert shorten_batch(batch, keyed_generator(0, "len", key), prob=0.0) is batch
-
-
-def test_shorten_batch_rate_and_spread():
-    seq_len, draws = 64, 20_000
-    batch = torch.zeros(1, seq_len, dtype=torch.long)
-    lengths = [shorten_batch(batch, keyed_generator(7, "len", i), prob=0.01).shape[1] for i in range(draws)]
-    shortened = [length for length in lengths if length < seq_len]
-    # ~1% of draws (expected 200, sd 14); a cut to L itself is indistinguishable and rare.
-    assert 130 <= len(shortened) <= 270
-    quarters = np.histogram(shortened, bins=4, range=(1, seq_len))[0]
-    assert all(count >= 20 for count in quarters)
+def test_stdlib_corpus_writes_the_prose_as_plain_text(tmp_path):
+    files = stdlib_corpus(tmp_path, 2_000_000)
+    assert files[0] == tmp_path / "pydoc_topics.txt"
+    prose = files[0].read_text()
+    assert prose.startswith('The "assert" statement')  # not the Python source that holds it
+    assert "topics = {" not in prose
+    assert len(prose) > 100_000
+    assert files[1:] == stdlib_corpus_files(2_000_000)[1:]

@@ -1,0 +1,266 @@
+"""SFT data: JSONL dialogues -> LLaDA chat-template (prompt, response) pairs -> Algorithm 2 batches.
+
+The template is the released LLaDA-8B-Instruct `chat_template` (Llama-3 style):
+BOS once, then per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`,
+and the generation prompt `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
+
+Tokenization follows what a Hugging Face tokenizer does to the rendered template string: the
+special tokens split the string and every text piece between two of them is encoded on its own
+with `TokenizerInfo.encode`. So a rendered message body is ONE piece, `encode("\\n\\n" + content)`,
+while a prompt ends with the piece `encode("\\n\\n")` (the string ends there at inference time) and
+the response is `encode(content) + [eot]`. A byte-level BPE may merge "\\n\\n" when it stands alone
+but not in front of text, so an answer that is later part of the history can be tokenized
+differently there than as a response: both are exactly what inference sees.
+
+A dialogue with n assistant messages gives n pairs; by default one is drawn per dialogue and
+epoch (paper B.1) from `keyed_generator(seed, "sft_pair", dialogue_index, epoch)`, the example
+order from `keyed_generator(seed, "sft_order", epoch)`. Rows are prompt + response, right-padded
+with EOS; the padding belongs to the response (`sft_loss` masks and trains it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+
+from data_pipeline.seeding import keyed_generator
+from data_pipeline.tokenizer import TokenizerInfo
+
+ROLES = ("system", "user", "assistant")
+PAIR_MODES = ("one", "all")
+OVERLONG_MODES = ("truncate", "drop")
+HEADER_BODY_SEPARATOR = "\n\n"
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class SFTPair:
+    prompt: list[int]    # BOS, the earlier messages rendered, the assistant header and "\n\n"
+    response: list[int]  # the answer's tokens, then <|eot_id|> (possibly cut by truncation)
+
+
+class SFTBatch(NamedTuple):
+    input_ids: torch.Tensor       # [b, l] int64: prompt + response, right-padded with EOS
+    prompt_lengths: torch.Tensor  # [b] int64
+
+
+@dataclass
+class SFTCounts:
+    truncated: int = 0  # pairs whose response was cut to fit seq_len
+    dropped: int = 0    # pairs left out: overlong under "drop", or a prompt alone >= seq_len
+    left_over: int = 0  # pairs of an epoch's last, incomplete global batch (not trained that epoch)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def read_dialogues(path: str | os.PathLike) -> list[list[Message]]:
+    """The dialogues of a JSONL file, one `{"messages": [...]}` per line; blank lines are skipped.
+
+    Every problem raises ValueError naming `file:line`.
+    """
+    dialogues = []
+    with open(path, "rb") as file:
+        for line_number, raw_line in enumerate(file, start=1):
+            where = f"{path}:{line_number}"
+            line = _decode_line(raw_line, where)
+            if line.strip():
+                dialogues.append(_parse_dialogue(line, where))
+    return dialogues
+
+
+def _decode_line(raw_line: bytes, where: str) -> str:
+    try:
+        return raw_line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not valid UTF-8 at byte {err.start} of the line") from None
+
+
+def _parse_dialogue(line: str, where: str) -> list[Message]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list):
+        raise ValueError(f'{where}: expected an object with a "messages" list, got {line.strip()[:80]!r}')
+    checked = [_check_message(message, position, where) for position, message in enumerate(messages)]
+    if not any(message["role"] == "assistant" for message in checked):
+        raise ValueError(f"{where}: no assistant message, so no (prompt, response) pair to train on")
+    return checked
+
+
+def _check_message(message: object, position: int, where: str) -> Message:
+    if not isinstance(message, dict):
+        raise ValueError(f"{where}: message {position} is not an object")
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise ValueError(f"{where}: message {position} has role {role!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}: message {position} ({role}) has content of type "
+                         f"{type(content).__name__}; expected a string")
+    return {"role": role, "content": content}
+
+
+# ---- template --------------------------------------------------------------------------------
+
+class ChatTemplate:
+    """The LLaDA chat template as token ids; special ids come from the tokenizer."""
+
+    def __init__(self, tokenizer: TokenizerInfo):
+        self.tokenizer = tokenizer
+        self.bos_id = tokenizer.special_ids["bos"]
+        self.start_header_id = tokenizer.special_ids["start_header"]
+        self.end_header_id = tokenizer.special_ids["end_header"]
+        self.eot_id = tokenizer.special_ids["eot"]
+        self._role_ids = {role: tokenizer.encode(role) for role in ROLES}
+
+    def header(self, role: str) -> list[int]:
+        return [self.start_header_id, *self._role_ids[role], self.end_header_id]
+
+    def message(self, message: Message) -> list[int]:
+        body = self.tokenizer.encode(HEADER_BODY_SEPARATOR + message["content"].strip())
+        return [*self.header(message["role"]), *body, self.eot_id]
+
+    def generation_prompt(self) -> list[int]:
+        return [*self.header("assistant"), *self.tokenizer.encode(HEADER_BODY_SEPARATOR)]
+
+    def response(self, answer: Message) -> list[int]:
+        return [*self.tokenizer.encode(answer["content"].strip()), self.eot_id]
+
+    def pairs(self, messages: Sequence[Message]) -> list[SFTPair]:
+        """One (all earlier messages -> this answer) pair per assistant message, in order."""
+        pairs, history = [], [self.bos_id]
+        for message in messages:
+            if message["role"] == "assistant":
+                pairs.append(SFTPair(prompt=history + self.generation_prompt(), response=self.response(message)))
+            history.extend(self.message(message))
+        return pairs
+
+
+def load_sft_pairs(path: str | os.PathLike, tokenizer: TokenizerInfo) -> list[list[SFTPair]]:
+    """Every dialogue of a JSONL file as its list of pairs."""
+    template = ChatTemplate(tokenizer)
+    return [template.pairs(messages) for messages in read_dialogues(path)]
+
+
+# ---- selection, length, batching -------------------------------------------------------------
+
+def choose_pairs(pairs: Sequence[SFTPair], mode: str, seed: int, dialogue_index: int, epoch: int) -> list[SFTPair]:
+    """The pairs to train on: mode "one" draws a single pair from
+    keyed_generator(seed, "sft_pair", dialogue_index, epoch), mode "all" keeps every pair."""
+    _check_choice("pairs", mode, PAIR_MODES)
+    if mode == "all":
+        return list(pairs)
+    generator = keyed_generator(seed, "sft_pair", dialogue_index, epoch)
+    return [pairs[int(torch.randint(len(pairs), (1,), generator=generator))]]
+
+
+def fit_to_length(pairs: Sequence[SFTPair], seq_len: int, overlong: str) -> tuple[list[SFTPair], SFTCounts]:
+    """Pairs that fit seq_len; "truncate" cuts an overlong response (keeping >= 1 of its tokens),
+    "drop" leaves the pair out; a prompt alone >= seq_len is dropped either way. Returns the counts."""
+    _check_choice("overlong", overlong, OVERLONG_MODES)
+    kept, counts = [], SFTCounts()
+    for pair in pairs:
+        room = seq_len - len(pair.prompt)
+        if len(pair.response) <= room:
+            kept.append(pair)
+        elif overlong == "truncate" and room >= 1:
+            kept.append(SFTPair(prompt=pair.prompt, response=pair.response[:room]))
+            counts.truncated += 1
+        else:
+            counts.dropped += 1
+    return kept, counts
+
+
+def collate_sft(pairs: Sequence[SFTPair], eos_id: int, pad_to: str | int = "longest") -> SFTBatch:
+    """Rows of prompt + response right-padded with EOS to the longest row ("longest") or to a fixed width."""
+    if not pairs:
+        raise ValueError("collate_sft needs at least one pair")
+    rows = [pair.prompt + pair.response for pair in pairs]
+    longest = max(len(row) for row in rows)
+    width = _padded_width(pad_to, longest)
+    input_ids = torch.full((len(rows), width), eos_id, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+    prompt_lengths = torch.tensor([len(pair.prompt) for pair in pairs], dtype=torch.long)
+    return SFTBatch(input_ids=input_ids, prompt_lengths=prompt_lengths)
+
+
+def _padded_width(pad_to: str | int, longest: int) -> int:
+    if pad_to == "longest":
+        return longest
+    if not isinstance(pad_to, int) or isinstance(pad_to, bool):
+        raise ValueError(f'pad_to must be "longest" or a length, got {pad_to!r}')
+    if pad_to < longest:
+        raise ValueError(f"pad_to={pad_to} is shorter than the batch's longest row ({longest} tokens): "
+                         "fit the pairs to seq_len first or pad to a larger length")
+    return pad_to
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+# ---- the epoch iterator ----------------------------------------------------------------------
+
+class SFTBatches:
+    """Micro-batches of one data-parallel rank, epoch by epoch, resumable at any batch.
+
+    An epoch is planned from (seed, epoch) alone: the dialogue order, the pairs chosen, the
+    overlong policy, then global batches of batch_size x dp_size pairs of which this rank takes
+    its slice, so every rank runs the same number of batches (lockstep) on disjoint pairs. The
+    last incomplete global batch is left out (`counts.left_over`). Iterating runs the rest of
+    the current epoch from `position`, then moves to the next epoch; `counts` are those of the
+    epoch being iterated.
+    """
+
+    def __init__(self, dialogue_pairs: Sequence[Sequence[SFTPair]], *, batch_size: int, seq_len: int, seed: int,
+                 eos_id: int, overlong: str, pairs: str = "one", pad_to: str | int = "longest",
+                 dp_rank: int = 0, dp_size: int = 1):
+        _check_choice("overlong", overlong, OVERLONG_MODES)
+        _check_choice("pairs", pairs, PAIR_MODES)
+        if pad_to != "longest" and not (isinstance(pad_to, int) and pad_to >= seq_len):
+            raise ValueError(f'pad_to must be "longest" or a length >= seq_len={seq_len}, got {pad_to!r}')
+        if batch_size < 1 or seq_len < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"need batch_size >= 1, seq_len >= 1 and 0 <= dp_rank < dp_size, got "
+                             f"batch_size={batch_size}, seq_len={seq_len}, dp_rank={dp_rank}, dp_size={dp_size}")
+        self.dialogue_pairs = dialogue_pairs
+        self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
+        self.overlong, self.pairs, self.pad_to = overlong, pairs, pad_to
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.epoch, self.position = 0, 0
+        self.counts = SFTCounts()
+
+    def epoch_plan(self, epoch: int) -> tuple[list[list[SFTPair]], SFTCounts]:
+        """This rank's batches of pairs for `epoch`, and the epoch's counts (all ranks')."""
+        order = torch.randperm(len(self.dialogue_pairs), generator=keyed_generator(self.seed, "sft_order", epoch))
+        chosen = [pair for index in order.tolist()
+                  for pair in choose_pairs(self.dialogue_pairs[index], self.pairs, self.seed, index, epoch)]
+        fitted, counts = fit_to_length(chosen, self.seq_len, self.overlong)
+        global_batch = self.batch_size * self.dp_size
+        full_batches = len(fitted) // global_batch
+        counts.left_over = len(fitted) - full_batches * global_batch
+        start = self.dp_rank * self.batch_size
+        batches = [fitted[b * global_batch + start : b * global_batch + start + self.batch_size]
+                   for b in range(full_batches)]
+        return batches, counts
+
+    def __iter__(self) -> Iterator[SFTBatch]:
+        batches, self.counts = self.epoch_plan(self.epoch)
+        while self.position < len(batches):
+            pairs = batches[self.position]
+            self.position += 1
+            yield collate_sft(pairs, self.eos_id, self.pad_to)
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,81 @@
+"""Turns the config's data section into the training stream and the fixed validation batches.
+
+There is one data path: prepared webdataset shards read by the streaming loader. With
+`data.source: shards` the config names prepared directories; with `stdlib` (the embedded
+demo corpus) or `files`, rank 0 holds out every k-th file, trains the BPE tokenizer on the
+rest when none is given, and prepares both parts into `<out_dir>/data/` before any rank reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_pipeline.corpus import split_heldout, stdlib_corpus
+from data_pipeline.heldout import heldout_batches
+from data_pipeline.prepare import expand_inputs, prepare
+from data_pipeline.streaming import SourceSpec, TokenBatchLoader
+from data_pipeline.tokenizer import (TokenizerInfo, check_fits_model, load_tokenizer, padded_vocab_size,
+                                     train_bpe)
+from pretrain.config import RunConfig
+
+
+# Small shards for a few-MB corpus, so shard shuffling and the worker split have units to work on.
+DEMO_TOKENS_PER_SHARD = 1 << 18
+
+
+@dataclass
+class TrainingData:
+    tokenizer: TokenizerInfo
+    loader: TokenBatchLoader
+    validation_batches: list[torch.Tensor]
+    description: str
+
+
+def _prepare_corpus(cfg: RunConfig, data_dir: Path, rank: int) -> tuple[Path, list[SourceSpec], Path]:
+    """(tokenizer path, training sources, held-out directory) for the stdlib / files corpora."""
+    d = cfg.data
+    tokenizer_path = Path(d.tokenizer) if d.tokenizer else data_dir / "tokenizer.json"
+    if rank == 0:
+        files = stdlib_corpus(data_dir, d.max_bytes) if d.source == "stdlib" else expand_inputs(d.paths)
+        train_files, heldout_files = split_heldout(files, d.heldout_fraction)
+        # Retrained every run (deterministic, seconds): a reused run directory keeps nothing stale.
+        if d.tokenizer is None:
+            train_bpe(train_files, cfg.model.vocab_size, tokenizer_path)
+        for part, part_files in (("train", train_files), ("heldout", heldout_files)):
+            prepare(part_files, tokenizer_path, data_dir / part, workers=1, overwrite=True,
+                    progress=False, tokens_per_shard=DEMO_TOKENS_PER_SHARD)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return tokenizer_path, [SourceSpec("train", str(data_dir / "train"), 1.0)], data_dir / "heldout"
+
+
+def build_training_data(cfg: RunConfig, out_dir: Path, *, rank: int, dp_rank: int,
+                        dp_size: int, device: torch.device) -> TrainingData:
+    d = cfg.data
+    if d.source == "shards":
+        tokenizer_path = Path(d.tokenizer)
+        sources = [SourceSpec(s.name or Path(s.path).name, s.path, s.weight) for s in d.sources]
+        heldout_dir = Path(d.validation_path) if d.validation_path else None
+    else:
+        tokenizer_path, sources, heldout_dir = _prepare_corpus(cfg, out_dir / "data", rank)
+    tok = load_tokenizer(tokenizer_path)
+    if d.pad_vocab_to_multiple:
+        cfg.model.vocab_size = padded_vocab_size(tok.vocab_size, d.pad_vocab_to_multiple)
+    check_fits_model(tok, cfg.model.vocab_size)
+    loader = TokenBatchLoader(
+        sources, seq_len=d.seq_len, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+        dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers, vocab_size=cfg.model.vocab_size,
+        tokenizer_sha256=tok.sha256, variable_length_prob=d.variable_length_prob,
+        variable_length_mode=d.variable_length_mode)
+    validation = []
+    if cfg.validation.every:
+        validation = [b.to(device) for b in heldout_batches(
+            heldout_dir, n_batches=cfg.validation.batches, batch_size=cfg.validation.batch_size,
+            seq_len=d.seq_len, vocab_size=cfg.model.vocab_size, tokenizer_sha256=tok.sha256)]
+    description = ", ".join(
+        f"{s.name}: {sum(sh.tokens for sh in s.shards):,} tokens in {len(s.shards)} shards, weight {s.weight:g}"
+        for s in loader.sources)
+    return TrainingData(tok, loader, validation, description)

@@ -1,0 +1,239 @@
+"""The training data stream: exact coverage, bit-for-bit resume, lockstep, mixing and the 1% rule.
+
+Every token id in these corpora is unique (and above 65535), so where a token went is exact.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.seeding import keyed_generator
+from data_pipeline.shards import Manifest, ShardError, read_manifest, shard_name, write_manifest, write_shard
+from data_pipeline.streaming import SourceSpec, TokenBatchLoader
+
+VOCAB = 200_000
+SHA = "5" * 64
+SEED = 1234
+# sample lengths per shard: shards of different sizes
+UNEVEN_SHARDS = [[5, 9, 13], [7], [11, 4], [3, 8, 6, 10], [12, 2], [9, 9]]
+FIVE_SHARDS = UNEVEN_SHARDS[:5]
+THREE_SHARDS = UNEVEN_SHARDS[:3]
+
+
+
+def shorten_batch(batch: torch.Tensor, generator: torch.Generator, prob: float) -> torch.Tensor:
+    """The reference code's 1% rule: with probability prob, cut the whole batch to a length drawn
+    from U{1..L} and drop the tails (draws: one uniform, then one length, every time)."""
+    shorten = torch.rand((), generator=generator).item() < prob
+    length = int(torch.randint(1, batch.shape[1] + 1, (), generator=generator))
+    return batch[:, :length] if shorten else batch
+
+def write_source(directory, shards, first_id, sha=SHA):
+    """Write shards of consecutive unique ids; return each shard's samples (in file order)."""
+    directory.mkdir(parents=True)
+    next_id, infos, shard_samples = first_id, [], []
+    for index, lengths in enumerate(shards):
+        samples = []
+        for length in lengths:
+            samples.append(np.arange(next_id, next_id + length, dtype=np.uint32))
+            next_id += length
+        infos.append(write_shard(directory / shard_name(index), samples, documents=len(samples)))
+        shard_samples.append(samples)
+    write_manifest(directory, Manifest(tokenizer_sha256=sha, vocab_size=VOCAB, eos_id=0, shards=infos))
+    return shard_samples
+
+
+def make_loader(specs, **overrides):
+    options = dict(seq_len=8, batch_size=2, seed=SEED, dp_rank=0, dp_size=1, num_workers=0,
+                   vocab_size=VOCAB, tokenizer_sha256=SHA, variable_length_prob=0.0)
+    options.update(overrides)
+    return TokenBatchLoader(specs, **options)
+
+
+def take(loader, steps):
+    return [next(loader) for _ in range(steps)]
+
+
+def flat(batches):
+    return np.concatenate([b.tokens.flatten().numpy() for b in batches])
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    write_source(tmp_path / "a", UNEVEN_SHARDS, 70_000)
+    write_source(tmp_path / "b", [[6, 6], [10, 3, 5], [8], [4, 4, 4]], 150_000)
+    return [SourceSpec("a", str(tmp_path / "a"), 0.6), SourceSpec("b", str(tmp_path / "b"), 0.4)]
+
+
+@pytest.mark.parametrize("layout", [UNEVEN_SHARDS, THREE_SHARDS], ids=["6-shards", "3-shards"])
+def test_epoch_zero_is_spread_over_ranks_and_workers_exactly_once(tmp_path, layout):
+    shards = write_source(tmp_path / "a", layout, 70_000)
+    spec = [SourceSpec("a", str(tmp_path / "a"), 1.0)]
+    dp_size, workers, batch_tokens = 2, 2, 2 * 8
+    slots, num_shards = dp_size * workers, len(shards)
+    order = torch.randperm(num_shards, generator=keyed_generator(SEED, "shards", "a", 0)).tolist()
+
+    def item_tokens(item):  # the shard at this place of epoch 0, its samples in their keyed order
+        samples = shards[order[item]]
+        visit = torch.randperm(len(samples), generator=keyed_generator(SEED, "samples", "a", item)).tolist()
+        return [samples[i] for i in visit]
+
+    epoch_zero = {slot: np.concatenate([t for item in range(slot, num_shards, slots) for t in item_tokens(item)]
+                                       or [np.zeros(0, np.uint32)]) for slot in range(slots)}
+    steps = workers * (max(len(t) for t in epoch_zero.values()) // batch_tokens + 2)
+
+    rank_tokens = []
+    for rank in range(dp_size):
+        batches = take(make_loader(spec, dp_rank=rank, dp_size=dp_size, num_workers=workers), steps)
+        assert [b.worker for b in batches] == [i % workers for i in range(steps)]  # round-robin
+        prefixes = []
+        for worker in range(workers):
+            expected = epoch_zero[rank * workers + worker]
+            stream = flat([b for b in batches if b.worker == worker])
+            assert len(stream) > len(expected)
+            prefixes.append(stream[:len(expected)])
+            assert np.array_equal(prefixes[-1], expected)
+        rank_tokens.append(np.concatenate(prefixes))
+    assert not set(rank_tokens[0]) & set(rank_tokens[1])
+    corpus = np.concatenate([t for samples in shards for t in samples])
+    assert np.array_equal(np.sort(np.concatenate(rank_tokens)), np.sort(corpus))
+
+
+@pytest.mark.parametrize("num_workers,mode,steps_before", [(2, "carry", 11), (0, "carry", 11),
+                                                           (2, "discard", 11), (2, "carry", 1)])
+def test_resume_continues_bit_for_bit_without_replaying(two_sources, num_workers, mode, steps_before):
+    options = dict(num_workers=num_workers, variable_length_prob=0.3, variable_length_mode=mode,
+                   batch_size=3, dp_size=2, dp_rank=1)
+    steps_after = 9
+    reference = make_loader(two_sources, **options)
+    expected = take(reference, steps_before + steps_after)
+
+    interrupted = make_loader(two_sources, **options)
+    take(interrupted, steps_before)
+    state = json.loads(json.dumps(interrupted.state_dict()))  # checkpoints store plain data
+    interrupted.close()
+    resumed = make_loader(two_sources, **options)
+    resumed.load_state_dict(state)
+    got = take(resumed, steps_after)
+
+    for want, have in zip(expected[steps_before:], got):
+        assert torch.equal(want.tokens, have.tokens)
+        assert (want.worker, want.batch_index, want.source_tokens) == (have.worker, have.batch_index,
+                                                                       have.source_tokens)
+    assert any(b.shortened for b in got)
+    assert resumed.counters() == reference.counters()
+    one_shard_per_source = sum(max(s.samples for s in read_manifest(spec.path).shards) for spec in two_sources)
+    assert all(b.restore_decoded_samples <= one_shard_per_source for b in got)
+    if steps_before > 2:  # every worker had decoded more by then: a restore that replayed would too
+        decoded_by_worker = {b.worker: b.decoded_samples for b in expected[:steps_before]}
+        assert min(decoded_by_worker.values()) > one_shard_per_source
+
+
+@pytest.mark.parametrize("layout", [FIVE_SHARDS, THREE_SHARDS], ids=["5-shards", "3-shards"])
+def test_every_rank_yields_batches_forever(tmp_path, layout):
+    write_source(tmp_path / "a", layout, 70_000)
+    spec = [SourceSpec("a", str(tmp_path / "a"), 1.0)]
+    for rank in range(2):
+        loader = make_loader(spec, dp_rank=rank, dp_size=2, num_workers=2)
+        batches = take(loader, 40)
+        assert all(b.tokens.shape == (2, 8) for b in batches)
+        assert loader.counters()["a"]["epoch"] >= 2  # went through several epochs without stopping
+
+
+def test_mixing_meets_the_weights_in_tokens(tmp_path):
+    write_source(tmp_path / "a", UNEVEN_SHARDS, 70_000)
+    write_source(tmp_path / "b", UNEVEN_SHARDS, 150_000)
+    specs = [SourceSpec("a", str(tmp_path / "a"), 0.75), SourceSpec("b", str(tmp_path / "b"), 0.25)]
+    loader = make_loader(specs, dp_rank=1, dp_size=2)
+    batches = take(loader, 200)
+    rows = 200 * 2
+    draws = [torch.rand((), dtype=torch.float64, generator=keyed_generator(SEED, "mix", 1, 0, row)).item()
+             for row in range(rows)]
+    from_a = torch.cat([b.tokens for b in batches])[:, 0] < 150_000
+    assert from_a.tolist() == [draw < 0.75 for draw in draws]  # each row's source is its keyed draw
+    for b in batches:  # the reported counts match where the tokens came from
+        assert b.source_tokens == {"a": int((b.tokens < 150_000).sum()), "b": int((b.tokens >= 150_000).sum())}
+    tokens_a = sum(b.source_tokens["a"] for b in batches)
+    assert {name: c["tokens"] for name, c in loader.counters().items()} == {"a": tokens_a, "b": rows * 8 - tokens_a}
+    share = tokens_a / (rows * 8)
+    assert abs(share - 0.75) <= 3 * math.sqrt(0.75 * 0.25 / rows)
+
+
+def test_one_percent_rule_shortens_about_one_percent_with_keyed_lengths(tmp_path):
+    write_source(tmp_path / "a", [[50] * 10] * 6, 70_000)
+    spec = [SourceSpec("a", str(tmp_path / "a"), 1.0)]
+    steps, seq_len, prob = 4000, 16, 0.01
+    shortened_at, lengths = {}, []
+    for seed in (0, 1):
+        shapes = [b.tokens.shape[1] for b in take(make_loader(spec, seed=seed, batch_size=1, seq_len=seq_len,
+                                                               variable_length_prob=prob), steps)]
+        reference = [shorten_batch(torch.zeros(1, seq_len), keyed_generator(seed, "length", 0, 0, i),
+                                   prob).shape[1] for i in range(steps)]
+        assert shapes == reference
+        shortened_at[seed] = {i for i, n in enumerate(shapes) if n < seq_len}
+        lengths += [n for n in shapes if n < seq_len]
+        expected = steps * prob * (seq_len - 1) / seq_len
+        assert abs(len(shortened_at[seed]) - expected) <= 3 * math.sqrt(expected)
+    assert shortened_at[0] != shortened_at[1]
+    assert min(lengths) <= seq_len // 4 and max(lengths) >= 3 * seq_len // 4
+
+
+def test_carry_loses_no_token_and_discard_cuts_like_the_reference(tmp_path):
+    write_source(tmp_path / "a", UNEVEN_SHARDS, 70_000)
+    spec = [SourceSpec("a", str(tmp_path / "a"), 1.0)]
+    steps, prob = 150, 0.3
+    full = take(make_loader(spec), steps)
+    carry = take(make_loader(spec, variable_length_prob=prob), steps)
+    discard = take(make_loader(spec, variable_length_prob=prob, variable_length_mode="discard"), steps)
+    assert 0 < sum(b.shortened for b in carry) < steps
+    carried = flat(carry)
+    assert np.array_equal(carried, flat(full)[:len(carried)])
+    for i, (whole, cut) in enumerate(zip(full, discard)):
+        assert torch.equal(cut.tokens, shorten_batch(whole.tokens, keyed_generator(SEED, "length", 0, 0, i), prob))
+    assert [b.tokens.shape for b in carry] == [b.tokens.shape for b in discard]
+
+
+def test_batches_depend_on_the_data_parallel_rank_only(two_sources):
+    options = dict(dp_size=2, num_workers=2, variable_length_prob=0.3)
+    first, same = (take(make_loader(two_sources, dp_rank=0, **options), 8) for _ in range(2))
+    other = take(make_loader(two_sources, dp_rank=1, **options), 8)
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(first, same))
+    assert not any(a.tokens.shape == b.tokens.shape and torch.equal(a.tokens, b.tokens)
+                   for a, b in zip(first, other))
+
+
+def test_no_workers_is_the_stream_of_one_worker(two_sources):
+    in_process = take(make_loader(two_sources, num_workers=0, variable_length_prob=0.3), 10)
+    one_worker = take(make_loader(two_sources, num_workers=1, variable_length_prob=0.3), 10)
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(in_process, one_worker))
+
+
+def test_tokenizer_mismatch_names_the_directory_and_both_hashes(tmp_path):
+    write_source(tmp_path / "a", THREE_SHARDS, 70_000, sha="e" * 64)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'a'}.*{'e' * 64}.*{SHA}.*training tokenizer"):
+        make_loader([SourceSpec("a", str(tmp_path / "a"), 1.0)])
+
+
+def test_resuming_with_another_data_parallel_size_is_refused(two_sources):
+    loader = make_loader(two_sources, dp_size=2)
+    take(loader, 3)
+    with pytest.raises(ValueError, match="dp_size is 2 in the checkpoint but 4 now.*same data-parallel size"):
+        make_loader(two_sources, dp_size=4).load_state_dict(loader.state_dict())
+
+
+def test_truncated_shard_is_reported_by_name(tmp_path):
+    write_source(tmp_path / "a", UNEVEN_SHARDS, 70_000)
+    spec = [SourceSpec("a", str(tmp_path / "a"), 1.0)]
+    first = torch.randperm(len(UNEVEN_SHARDS), generator=keyed_generator(SEED, "shards", "a", 0))[0].item()
+    shard = tmp_path / "a" / shard_name(first)
+    shard.write_bytes(shard.read_bytes()[:700])
+    with pytest.raises(ShardError, match=shard_name(first)):  # the manifest's size check, at start
+        make_loader(spec)
+    manifest = read_manifest(tmp_path / "a", verify_sizes=False)
+    manifest.shards[first].bytes = 700
+    write_manifest(tmp_path / "a", manifest)
+    with pytest.raises(ShardError, match=shard_name(first)):  # decoding it, in a worker process
+        next(make_loader(spec, num_workers=2))
