@@ -2,8 +2,9 @@
 
 Every source is an infinite sequence of shard *items*: perm(epoch 0) ++ perm(epoch 1) ++ ...,
 each perm keyed by (seed, "shards", source, epoch) and the same on every rank. Slot j of S
-(slot = dp_rank * workers + worker) owns items j, j+S, j+2S, ...: every slot has data forever,
-even with fewer shards than slots (lockstep), and epoch 0 is spread over the slots exactly once.
+(one per data-parallel rank x loader worker x row of the micro-batch) owns items j, j+S, j+2S,
+...: every slot has data forever, even with fewer shards than slots (lockstep), and epoch 0 is
+spread over the slots exactly once.
 Inside an item the samples are visited in the order keyed by (seed, "samples", source,
 item_index), and the cursor hands out their tokens in order, never dropping one.
 

@@ -5,14 +5,18 @@ never ends (every rank runs the same number of forwards: lockstep), depends only
 and the data-parallel rank (tensor/pipeline ranks of one replica get identical batches), and
 its `state_dict` resumes it bit for bit without replaying what was already read.
 
-How a batch is made, by logical worker w of rank r (slot r * workers + w; see stream_state):
+How a batch is made, by logical worker w of rank r:
 - the 1% rule: keyed_generator(seed, "length", r, w, batch_index) draws (shorten?, length) on
   every batch (both draws, shortened or not, so later draws never depend on the outcome).
-  "carry" packs the shortened
-  batch's rows at that length, so the tokens not used stay in the buffers for the next batch;
-  "discard" packs full rows and cuts them, dropping the tails (the reference's behaviour);
+  "carry" packs the shortened batch's rows at that length, so the tokens not used stay in the
+  buffers for the next batch; "discard" packs full rows and cuts them, dropping the tails
+  (the reference's behaviour);
+- row i of every batch is a *lane* with a cursor of its own in each source (slot
+  (r * workers + w) * batch_size + i; see stream_state), so the rows of one micro-batch come
+  from different shards and documents rather than from one stretch of text;
 - each row draws its source from keyed_generator(seed, "mix", r, w, row_index) by weight and
-  takes that source's next `length` tokens (rows cross document and shard boundaries).
+  takes the next `length` tokens of its lane in that source (crossing document and shard
+  boundaries).
 
 With num_workers > 0 a torch DataLoader runs the logical workers in processes and hands their
 batches out round-robin; `TokenBatchLoader` records the state each worker had after its last
@@ -37,7 +41,7 @@ from data_pipeline.seeding import keyed_generator
 from data_pipeline.shards import read_manifest
 from data_pipeline.stream_state import SourceCursor, SourceData, start_position
 
-STATE_FORMAT = "llada-token-stream/1"
+STATE_FORMAT = "llada-token-stream/2"
 VARIABLE_LENGTH_MODES = ("carry", "discard")
 RESUME_FIELDS = {  # state field -> what must stay the same to resume the stream
     "dp_size": "data-parallel size",
@@ -71,12 +75,13 @@ class StreamConfig:
     variable_length_prob: float
     variable_length_mode: str
 
-    def slot(self, worker: int) -> int:
-        return self.dp_rank * self.workers + worker
+    def lane_slot(self, worker: int, lane: int) -> int:
+        """The slot of row `lane` of this rank's `worker`: every row of a batch has its own."""
+        return (self.dp_rank * self.workers + worker) * self.batch_size + lane
 
     @property
     def num_slots(self) -> int:
-        return self.dp_size * self.workers
+        return self.dp_size * self.workers * self.batch_size
 
 
 @dataclass
@@ -121,9 +126,9 @@ def load_sources(specs: Sequence[SourceSpec], tokenizer_sha256: str) -> list[Sou
 
 
 def fresh_worker_state(sources: Sequence[SourceData], config: StreamConfig, worker: int) -> dict[str, Any]:
-    slot = config.slot(worker)
+    lanes = [config.lane_slot(worker, lane) for lane in range(config.batch_size)]
     return {"row_index": 0, "batch_index": 0,
-            "sources": {source.name: start_position(slot) for source in sources}}
+            "sources": {source.name: [start_position(slot) for slot in lanes] for source in sources}}
 
 
 def draw_variable_length(generator: torch.Generator, prob: float, seq_len: int) -> int:
@@ -143,8 +148,9 @@ class WorkerStream:
         self.worker = worker
         self.row_index = int(state["row_index"])
         self.batch_index = int(state["batch_index"])
-        self.cursors = [SourceCursor(source, seed=config.seed, num_slots=config.num_slots,
-                                     vocab_size=config.vocab_size, position=state["sources"][source.name])
+        self.cursors = [[SourceCursor(source, seed=config.seed, num_slots=config.num_slots,
+                                      vocab_size=config.vocab_size, position=position)
+                         for position in state["sources"][source.name]]
                         for source in self.sources]
         self.restore_decoded_samples = self.decoded_samples
         total_weight = sum(source.weight for source in self.sources)
@@ -153,11 +159,12 @@ class WorkerStream:
 
     @property
     def decoded_samples(self) -> int:
-        return sum(cursor.decoded_samples for cursor in self.cursors)
+        return sum(cursor.decoded_samples for lanes in self.cursors for cursor in lanes)
 
     def state(self) -> dict[str, Any]:
         return {"row_index": self.row_index, "batch_index": self.batch_index,
-                "sources": {cursor.source.name: cursor.position() for cursor in self.cursors}}
+                "sources": {lanes[0].source.name: [cursor.position() for cursor in lanes]
+                            for lanes in self.cursors}}
 
     def next_batch(self) -> dict[str, Any]:
         config = self.config
@@ -183,7 +190,7 @@ class WorkerStream:
         row_sources = []
         for row in range(self.config.batch_size):
             source_index = self._draw_source()
-            rows[row] = self.cursors[source_index].take(length)
+            rows[row] = self.cursors[source_index][row].take(length)
             row_sources.append(source_index)
         return torch.from_numpy(rows), row_sources
 
@@ -269,8 +276,8 @@ class TokenBatchLoader:
     def counters(self) -> dict[str, dict[str, int]]:
         """Per source: tokens this rank has trained on, and the epoch its workers are in (the earliest)."""
         return {source.name: {"tokens": self._consumed_tokens[source.name],
-                              "epoch": min(state["sources"][source.name]["item_index"]
-                                           for state in self._worker_states) // len(source.shards)}
+                              "epoch": min(position["item_index"] for state in self._worker_states
+                                           for position in state["sources"][source.name]) // len(source.shards)}
                 for source in self.sources}
 
     def state_dict(self) -> dict[str, Any]:

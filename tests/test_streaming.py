@@ -72,8 +72,8 @@ def two_sources(tmp_path):
 def test_epoch_zero_is_spread_over_ranks_and_workers_exactly_once(tmp_path, layout):
     shards = write_source(tmp_path / "a", layout, 70_000)
     spec = [SourceSpec("a", str(tmp_path / "a"), 1.0)]
-    dp_size, workers, batch_tokens = 2, 2, 2 * 8
-    slots, num_shards = dp_size * workers, len(shards)
+    dp_size, workers, lanes, seq_len = 2, 2, 2, 8  # lanes: the rows of a micro-batch
+    slots, num_shards = dp_size * workers * lanes, len(shards)
     order = torch.randperm(num_shards, generator=keyed_generator(SEED, "shards", "a", 0)).tolist()
 
     def item_tokens(item):  # the shard at this place of epoch 0, its samples in their keyed order
@@ -83,27 +83,29 @@ def test_epoch_zero_is_spread_over_ranks_and_workers_exactly_once(tmp_path, layo
 
     epoch_zero = {slot: np.concatenate([t for item in range(slot, num_shards, slots) for t in item_tokens(item)]
                                        or [np.zeros(0, np.uint32)]) for slot in range(slots)}
-    steps = workers * (max(len(t) for t in epoch_zero.values()) // batch_tokens + 2)
+    steps = workers * (max(len(t) for t in epoch_zero.values()) // seq_len + 2)
 
     rank_tokens = []
     for rank in range(dp_size):
-        batches = take(make_loader(spec, dp_rank=rank, dp_size=dp_size, num_workers=workers), steps)
+        batches = take(make_loader(spec, dp_rank=rank, dp_size=dp_size, num_workers=workers,
+                                   batch_size=lanes, seq_len=seq_len), steps)
         assert [b.worker for b in batches] == [i % workers for i in range(steps)]  # round-robin
         prefixes = []
         for worker in range(workers):
-            expected = epoch_zero[rank * workers + worker]
-            stream = flat([b for b in batches if b.worker == worker])
-            assert len(stream) > len(expected)
-            prefixes.append(stream[:len(expected)])
-            assert np.array_equal(prefixes[-1], expected)
+            for lane in range(lanes):
+                expected = epoch_zero[(rank * workers + worker) * lanes + lane]
+                stream = np.concatenate([b.tokens[lane].numpy() for b in batches if b.worker == worker])
+                assert len(stream) > len(expected)
+                prefixes.append(stream[:len(expected)])
+                assert np.array_equal(prefixes[-1], expected)
         rank_tokens.append(np.concatenate(prefixes))
     assert not set(rank_tokens[0]) & set(rank_tokens[1])
     corpus = np.concatenate([t for samples in shards for t in samples])
     assert np.array_equal(np.sort(np.concatenate(rank_tokens)), np.sort(corpus))
 
 
-@pytest.mark.parametrize("num_workers,mode,steps_before", [(2, "carry", 11), (0, "carry", 11),
-                                                           (2, "discard", 11), (2, "carry", 1)])
+@pytest.mark.parametrize("num_workers,mode,steps_before", [(2, "carry", 40), (0, "carry", 40),
+                                                           (2, "discard", 40), (2, "carry", 1)])
 def test_resume_continues_bit_for_bit_without_replaying(two_sources, num_workers, mode, steps_before):
     options = dict(num_workers=num_workers, variable_length_prob=0.3, variable_length_mode=mode,
                    batch_size=3, dp_size=2, dp_rank=1)
@@ -125,11 +127,13 @@ def test_resume_continues_bit_for_bit_without_replaying(two_sources, num_workers
                                                                        have.source_tokens)
     assert any(b.shortened for b in got)
     assert resumed.counters() == reference.counters()
-    one_shard_per_source = sum(max(s.samples for s in read_manifest(spec.path).shards) for spec in two_sources)
-    assert all(b.restore_decoded_samples <= one_shard_per_source for b in got)
+    lanes = options["batch_size"]  # every row of a micro-batch reads its own place in each source
+    one_shard_per_lane = lanes * sum(max(s.samples for s in read_manifest(spec.path).shards)
+                                     for spec in two_sources)
+    assert all(b.restore_decoded_samples <= one_shard_per_lane for b in got)
     if steps_before > 2:  # every worker had decoded more by then: a restore that replayed would too
         decoded_by_worker = {b.worker: b.decoded_samples for b in expected[:steps_before]}
-        assert min(decoded_by_worker.values()) > one_shard_per_source
+        assert min(decoded_by_worker.values()) > one_shard_per_lane
 
 
 @pytest.mark.parametrize("layout", [FIVE_SHARDS, THREE_SHARDS], ids=["5-shards", "3-shards"])
@@ -189,8 +193,10 @@ def test_carry_loses_no_token_and_discard_cuts_like_the_reference(tmp_path):
     carry = take(make_loader(spec, variable_length_prob=prob), steps)
     discard = take(make_loader(spec, variable_length_prob=prob, variable_length_mode="discard"), steps)
     assert 0 < sum(b.shortened for b in carry) < steps
-    carried = flat(carry)
-    assert np.array_equal(carried, flat(full)[:len(carried)])
+    for lane in range(2):  # each row of the micro-batch is its own stream
+        carried = np.concatenate([b.tokens[lane].numpy() for b in carry])
+        unshortened = np.concatenate([b.tokens[lane].numpy() for b in full])
+        assert np.array_equal(carried, unshortened[:len(carried)])
     for i, (whole, cut) in enumerate(zip(full, discard)):
         assert torch.equal(cut.tokens, shorten_batch(whole.tokens, keyed_generator(SEED, "length", 0, 0, i), prob))
     assert [b.tokens.shape for b in carry] == [b.tokens.shape for b in discard]
