@@ -48,7 +48,10 @@ def import_deepspeed():
 
 
 def init_distributed() -> None:
+    """Join the process group; on GPU, first bind this process to its node-local device."""
     deepspeed = import_deepspeed()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
