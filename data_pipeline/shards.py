@@ -183,6 +183,6 @@ def iter_shards(directory: Path, manifest: Manifest, vocab_size: int | None = No
 def check_tokenizer(directory: str | os.PathLike, manifest: Manifest, tokenizer_sha256: str) -> None:
     """Refuse data prepared with another tokenizer than the one training uses."""
     if manifest.tokenizer_sha256 != tokenizer_sha256:
-        raise ShardError(f"{directory}: prepared with tokenizer sha256 {manifest.tokenizer_sha256[:16]}..., "
-                         f"but training uses {tokenizer_sha256[:16]}...; prepare the data again with "
+        raise ShardError(f"{directory}: prepared with tokenizer sha256 {manifest.tokenizer_sha256}, "
+                         f"but training uses {tokenizer_sha256}; prepare the data again with "
                          f"the training tokenizer (or point data.tokenizer at the one it was prepared with)")

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.seeding import keyed_generator
-from data_pipeline.shards import read_manifest
+from data_pipeline.shards import check_tokenizer, read_manifest
 from data_pipeline.stream_state import SourceCursor, SourceData, start_position
 
 STATE_FORMAT = "llada-token-stream/2"
@@ -114,10 +114,7 @@ def load_sources(specs: Sequence[SourceSpec], tokenizer_sha256: str) -> list[Sou
         if not (math.isfinite(spec.weight) and spec.weight > 0):
             raise ValueError(f"data source {spec.name!r}: weight {spec.weight} must be a positive number")
         manifest = read_manifest(spec.path)
-        if manifest.tokenizer_sha256 != tokenizer_sha256:
-            raise ValueError(f"data source {spec.name!r}: {spec.path} was tokenized with tokenizer sha256 "
-                             f"{manifest.tokenizer_sha256}, but training uses tokenizer sha256 "
-                             f"{tokenizer_sha256}; prepare the data with the training tokenizer")
+        check_tokenizer(spec.path, manifest, tokenizer_sha256)
         if manifest.tokens == 0:
             raise ValueError(f"data source {spec.name!r}: {spec.path} holds no tokens; prepare it again "
                              f"or remove it from the sources")
