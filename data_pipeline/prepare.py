@@ -199,8 +199,10 @@ def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:
 
 def encode_chunk(tokenizer: TokenizerInfo, chunk: Sequence[Item]) -> list[np.ndarray | Skipped]:
     """Each text as uint32 ids of the plain text followed by EOS; skipped items pass through."""
+    texts = [item for item in chunk if isinstance(item, str)]
+    encoded = iter(tokenizer.encode_text(texts))
     eos = [tokenizer.eos_id]
-    return [np.array(tokenizer.encode_text(item) + eos, dtype=np.uint32) if isinstance(item, str) else item
+    return [np.array(next(encoded) + eos, dtype=np.uint32) if isinstance(item, str) else item
             for item in chunk]
 
 

@@ -56,10 +56,12 @@ class TokenizerInfo:
         """Token ids of `text`; no BOS/EOS or other special token is added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode_text(self, text: str) -> list[int]:
-        """Token ids of raw corpus text: special-token strings in it (a literal "<|endoftext|>" on
-        a web page) are encoded as the plain text they are, never as special ids."""
-        return self._plain_text_tokenizer.encode(text, add_special_tokens=False).ids
+    def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of raw corpus texts, in parallel inside the tokenizers library: special-token
+        strings in them (a literal "<|endoftext|>" on a web page) are encoded as the plain text
+        they are, never as special ids."""
+        return [enc.ids for enc in self._plain_text_tokenizer.encode_batch_fast(list(texts),
+                                                                                add_special_tokens=False)]
 
     @functools.cached_property
     def _plain_text_tokenizer(self) -> Tokenizer:
@@ -75,9 +77,6 @@ class TokenizerInfo:
         state.pop("_plain_text_tokenizer", None)
         return state
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` of each text, in parallel inside the tokenizers library."""
-        return [enc.ids for enc in self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

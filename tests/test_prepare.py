@@ -125,7 +125,7 @@ def test_manifest_matches_shards_and_tokenizer(dataset, corpus, tokenizer):
 
 
 def test_literal_special_token_in_text_is_not_eos(dataset, tokenizer):
-    ids = tokenizer.encode_text(LITERAL_EOS_DOCUMENT)
+    [ids] = tokenizer.encode_text([LITERAL_EOS_DOCUMENT])
     assert tokenizer.eos_id not in ids
     assert tokenizer.decode(ids) == LITERAL_EOS_DOCUMENT
     assert tokenizer.eos_id in tokenizer.encode(LITERAL_EOS_DOCUMENT)  # `encode` keeps its behaviour
@@ -133,9 +133,9 @@ def test_literal_special_token_in_text_is_not_eos(dataset, tokenizer):
 
 
 def test_encode_text_survives_pickling_to_workers(tokenizer):
-    tokenizer.encode_text("warm the plain-text copy")
+    tokenizer.encode_text(["warm the plain-text copy"])
     copy = pickle.loads(pickle.dumps(tokenizer))
-    assert copy.encode_text(LITERAL_EOS_DOCUMENT) == tokenizer.encode_text(LITERAL_EOS_DOCUMENT)
+    assert copy.encode_text([LITERAL_EOS_DOCUMENT]) == tokenizer.encode_text([LITERAL_EOS_DOCUMENT])
 
 
 def test_output_bytes_do_not_depend_on_workers_or_time(corpus, tokenizer, dataset, tmp_path):
