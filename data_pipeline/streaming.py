@@ -12,10 +12,12 @@ How a batch is made, by logical worker w of rank r:
   buffers for the next batch; "discard" packs full rows and cuts them, dropping the tails
   (the reference's behaviour);
 - row i of every batch is a *lane* with a cursor of its own in each source (slot
-  (r * workers + w) * batch_size + i; see stream_state), so the rows of one micro-batch come
-  from different shards and documents rather than from one stretch of text;
-- each row draws its source from keyed_generator(seed, "mix", r, w, row_index) by weight and
-  takes the next `length` tokens of its lane in that source (crossing document and shard
+  (w * dp_size + r) * batch_size + i; see stream_state), so the rows of one micro-batch come
+  from different shards and documents rather than from one stretch of text. The slots of the
+  k-th batches of all ranks are those of the k-th batch of one rank with a dp_size times larger
+  batch: the global batch does not depend on how it is split over ranks;
+- each row draws its source from keyed_generator(seed, "mix", slot, batch_index) by weight
+  and takes the next `length` tokens of its lane in that source (crossing document and shard
   boundaries).
 
 With num_workers > 0 a torch DataLoader runs the logical workers in processes and hands their
@@ -41,7 +43,7 @@ from data_pipeline.seeding import keyed_generator
 from data_pipeline.shards import check_tokenizer, read_manifest
 from data_pipeline.stream_state import SourceCursor, SourceData, start_position
 
-STATE_FORMAT = "llada-token-stream/2"
+STATE_FORMAT = "llada-token-stream/3"
 VARIABLE_LENGTH_MODES = ("carry", "discard")
 RESUME_FIELDS = {  # state field -> what must stay the same to resume the stream
     "dp_size": "data-parallel size",
@@ -76,8 +78,9 @@ class StreamConfig:
     variable_length_mode: str
 
     def lane_slot(self, worker: int, lane: int) -> int:
-        """The slot of row `lane` of this rank's `worker`: every row of a batch has its own."""
-        return (self.dp_rank * self.workers + worker) * self.batch_size + lane
+        """The slot of row `lane` of this rank's `worker`: every row of a batch has its own, and
+        the ranks' slots for a worker are contiguous (what one rank with all rows would read)."""
+        return (worker * self.dp_size + self.dp_rank) * self.batch_size + lane
 
     @property
     def num_slots(self) -> int:
@@ -124,7 +127,7 @@ def load_sources(specs: Sequence[SourceSpec], tokenizer_sha256: str) -> list[Sou
 
 def fresh_worker_state(sources: Sequence[SourceData], config: StreamConfig, worker: int) -> dict[str, Any]:
     lanes = [config.lane_slot(worker, lane) for lane in range(config.batch_size)]
-    return {"row_index": 0, "batch_index": 0,
+    return {"batch_index": 0,
             "sources": {source.name: [start_position(slot) for slot in lanes] for source in sources}}
 
 
@@ -143,7 +146,6 @@ class WorkerStream:
         self.sources = list(sources)
         self.config = config
         self.worker = worker
-        self.row_index = int(state["row_index"])
         self.batch_index = int(state["batch_index"])
         self.cursors = [[SourceCursor(source, seed=config.seed, num_slots=config.num_slots,
                                       vocab_size=config.vocab_size, position=position)
@@ -159,7 +161,7 @@ class WorkerStream:
         return sum(cursor.decoded_samples for lanes in self.cursors for cursor in lanes)
 
     def state(self) -> dict[str, Any]:
-        return {"row_index": self.row_index, "batch_index": self.batch_index,
+        return {"batch_index": self.batch_index,
                 "sources": {lanes[0].source.name: [cursor.position() for cursor in lanes]
                             for lanes in self.cursors}}
 
@@ -186,15 +188,15 @@ class WorkerStream:
         rows = np.empty((self.config.batch_size, length), dtype=np.int64)
         row_sources = []
         for row in range(self.config.batch_size):
-            source_index = self._draw_source()
+            source_index = self._draw_source(row)
             rows[row] = self.cursors[source_index][row].take(length)
             row_sources.append(source_index)
         return torch.from_numpy(rows), row_sources
 
-    def _draw_source(self) -> int:
+    def _draw_source(self, lane: int) -> int:
         config = self.config
-        generator = keyed_generator(config.seed, "mix", config.dp_rank, self.worker, self.row_index)
-        self.row_index += 1
+        generator = keyed_generator(config.seed, "mix", config.lane_slot(self.worker, lane),
+                                    self.batch_index)
         draw = torch.rand((), dtype=torch.float64, generator=generator).item()
         return min(bisect.bisect_right(self._cumulative_weights, draw), len(self.sources) - 1)
 

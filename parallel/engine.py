@@ -1,11 +1,11 @@
-"""The DeepSpeed engine: process environment, engine config and initialisation in one place.
+"""The DeepSpeed engine: process environment, rendezvous and initialisation in one place.
 
 Every run, a single CPU process included, trains through `deepspeed.initialize`, so there is
 one training loop. This module makes a plain `python -m ...` process a valid world of one
 (DeepSpeed otherwise tries MPI discovery), selects the CPU accelerator when there is no GPU,
 skips the JIT build of DeepSpeed's shared-memory op on CPU, and turns the run's choices into
-a DeepSpeed config: ZeRO stage, bf16 with fp32 gradient accumulation, a deliberate
-communication dtype, clipping and accumulation.
+the engine, in `zero.Init` when ZeRO-3 builds the model already partitioned. The engine's
+config comes from `parallel.engine_config`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import socket
 
 import torch
 
-from parallel.topology import coordinates
+from parallel.rendezvous import check_master_reachable
 
 
 def _free_port() -> int:
@@ -47,9 +47,15 @@ def import_deepspeed():
     return deepspeed
 
 
-def init_distributed() -> None:
-    """Join the process group; on GPU, first bind this process to its node-local device."""
+def init_distributed(rendezvous_timeout_s: float = 300.0) -> None:
+    """Join the process group; on GPU, first bind this process to its node-local device.
+
+    Before joining, a rank that is not rank 0 checks that MASTER_ADDR:MASTER_PORT answers, so a
+    wrong address fails in seconds with a message instead of hanging in the rendezvous.
+    """
     deepspeed = import_deepspeed()
+    if not torch.distributed.is_initialized():
+        check_master_reachable(rendezvous_timeout_s)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
@@ -61,47 +67,47 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
 
 
-def deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int, zero_stage: int,
-                     bf16: bool, communication_dtype: str, grad_clip: float) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "communication_data_type": communication_dtype,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if bf16:
-        cfg["bf16"] = {"enabled": True}
-        # bf16 gradient accumulation diverges; accumulate (and reduce) in fp32.
-        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-    return cfg
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, mpu=None):
+    """Wrap model and optimizer in a DeepSpeed engine; returns the engine.
 
-
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
-    """Wrap model and optimizer in a DeepSpeed engine; returns the engine."""
+    mpu: the model-parallel adapter (`parallel.tensor_parallel.MegatronMpu`) whenever TP > 1;
+    without it DeepSpeed treats tensor-parallel peers as data-parallel replicas.
+    """
     deepspeed = import_deepspeed()
     init_distributed()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                           dist_init_required=False)
+                                           mpu=mpu, dist_init_required=False)
     return engine
 
 
-def data_parallel_rank_and_size(tp_size: int = 1, pp_size: int = 1) -> tuple[int, int]:
-    """(rank, size) of this process among the data-parallel replicas."""
-    if not torch.distributed.is_initialized():
-        return 0, 1
-    c = coordinates(torch.distributed.get_rank(), torch.distributed.get_world_size(), tp_size, pp_size)
-    return c.dp_rank, c.dp_size
+def model_construction(config: dict, mpu=None, enabled: bool = True):
+    """The context a model is built in: `deepspeed.zero.Init` under ZeRO-3 (each parameter is
+    partitioned over the data-parallel group as soon as its layer exists), else a no-op.
+
+    zero.Init partitions over the *world* unless given the data-parallel group: its `mpu`
+    argument does not set it. Over the world, tensor-parallel peers would overwrite each other's
+    shards with rank 0's (a silently wrong model).
+    """
+    deepspeed = import_deepspeed()
+    stage3 = config["zero_optimization"]["stage"] == 3
+    group = mpu.get_data_parallel_group() if mpu is not None else None
+    return deepspeed.zero.Init(config_dict_or_path=config, mpu=mpu, data_parallel_group=group,
+                               enabled=enabled and stage3)
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Every parameter whole, on rank 0 (None elsewhere); a collective under ZeRO-3."""
+    """Every parameter whole (ZeRO partitions gathered, tensor-parallel shards concatenated), on
+    rank 0's CPU, one parameter at a time; None on other ranks. A collective: every rank calls it.
+    """
     deepspeed = import_deepspeed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        if rank != 0:
-            return None
-        return {name: t.detach().clone() for name, t in module.state_dict().items()}
+    out = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            tensor = param.detach()
+            if getattr(param, "tensor_model_parallel", False):
+                from parallel.tensor_parallel import concatenate_shards
+                tensor = concatenate_shards(tensor, param.partition_dim)
+            if rank == 0:
+                out[name] = tensor.cpu().clone()
+    return out if rank == 0 else None

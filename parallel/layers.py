@@ -4,14 +4,80 @@ The model module asks for "a projection whose output is split across tensor-para
 (`column`), "one whose input is split" (`row`), the token embedding and the LM head; it never
 names a class itself. At tensor-parallel size 1 these are plain `nn.Linear` / `nn.Embedding`,
 so the model runs in a single process with no process group (the demo, the sampler, most
-tests). A tensor-parallel factory built on megatron-core's layers plugs in here with the same
-methods and the same parameter names.
+tests); `parallel.tensor_parallel.TensorParallelLayers` has the same methods on megatron-core's
+layers. Every method takes an `init` that draws the whole weight, so all layouts start from the
+same weights.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from parallel.cross_entropy import chunked_token_cross_entropy
+
+InitFn = Callable[[tuple[int, int]], torch.Tensor]  # shape -> the whole weight, drawn in fp32
+
+
+class TruncatedNormalInit:
+    """The released `mitchell` draw: truncated normal, std 1/sqrt(fan_in) / sqrt(depth_scale),
+    cut at +-cutoff std, from one seeded generator shared by the whole model (so the order of
+    construction fixes every weight)."""
+
+    def __init__(self, generator: torch.Generator, cutoff_factor: float):
+        self.generator = generator
+        self.cutoff_factor = cutoff_factor
+
+    def __call__(self, fan_in: int, depth_scale: float = 1.0) -> InitFn:
+        std = 1.0 / math.sqrt(fan_in) / math.sqrt(depth_scale)
+        cut = self.cutoff_factor * std
+
+        def draw(shape: tuple[int, int]) -> torch.Tensor:
+            full = torch.empty(shape, dtype=torch.float32, device=self.generator.device)
+            nn.init.trunc_normal_(full, mean=0.0, std=std, a=-cut, b=cut, generator=self.generator)
+            return full
+        return draw
+
+
+def _fill(weight: torch.Tensor, init: InitFn | None) -> None:
+    if init is not None:
+        with torch.no_grad():
+            weight.copy_(init(tuple(weight.shape)))
+
+
+# Weights are drawn inside each layer's own __init__: under deepspeed.zero.Init a layer's
+# parameters are partitioned as soon as its __init__ returns.
+
+class Linear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, init: InitFn | None):
+        super().__init__(in_features, out_features, bias=False)
+        _fill(self.weight, init)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, vocab_size: int, d_model: int, init: InitFn | None):
+        super().__init__(vocab_size, d_model)
+        _fill(self.weight, init)
+
+
+class DenseHead(Linear):
+    """The unsharded LM head: logits, or per-token cross-entropy computed in chunks."""
+
+    def __init__(self, d_model: int, vocab_size: int, init: InitFn | None, chunk_tokens: int):
+        super().__init__(d_model, vocab_size, init)
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, x, targets=None, loss_mask=None):
+        if targets is None:
+            return super().forward(x)
+        return chunked_token_cross_entropy(
+            x, targets, loss_mask, logits_fn=super().forward,
+            ce_fn=lambda logits, t: F.cross_entropy(logits.float(), t, reduction="none"),
+            chunk_tokens=self.chunk_tokens)
 
 
 class DenseLayers:
@@ -19,18 +85,17 @@ class DenseLayers:
 
     tp_size = 1
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+    def column(self, in_features: int, out_features: int, init: InitFn | None = None) -> nn.Module:
+        return Linear(in_features, out_features, init)
 
-    def row(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+    row = column
 
-    def embedding(self, vocab_size: int, d_model: int) -> nn.Module:
-        return nn.Embedding(vocab_size, d_model)
+    def embedding(self, vocab_size: int, d_model: int, init: InitFn | None = None) -> nn.Module:
+        return Embedding(vocab_size, d_model, init)
 
-    def head(self, d_model: int, vocab_size: int) -> nn.Module:
-        return nn.Linear(d_model, vocab_size, bias=False)
+    def head(self, d_model: int, vocab_size: int, init: InitFn | None = None,
+             chunk_tokens: int = 0) -> nn.Module:
+        return DenseHead(d_model, vocab_size, init, chunk_tokens)
 
-    def head_weight_of(self, embedding: nn.Module) -> torch.Tensor:
-        """The weight a tied head multiplies by (the embedding's own)."""
-        return embedding.weight
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits

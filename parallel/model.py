@@ -5,19 +5,24 @@ in fp32 and cast back before the weight multiplies, SwiGLU, NeoX half-split RoPE
 untied LM head, no biases and no timestep input. Parameters carry the released checkpoints'
 names (`model.transformer.blocks.{i}.q_proj.weight`, ...), so checkpoints, export and import
 never rename. Layers come from a factory (`parallel.layers`), so the same module runs dense in
-one process or tensor-parallel; the module itself makes no parallelism decisions.
+one process or tensor-parallel; the module itself makes no parallelism decisions. Given
+targets it returns per-token cross-entropy through the head (chunked, vocabulary-parallel under
+TP) instead of logits, and it applies the configured activation checkpointing.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from parallel.attention import attention
-from parallel.layers import DenseLayers
+from parallel.cross_entropy import chunked_token_cross_entropy
+from parallel.layers import DenseLayers, TruncatedNormalInit
+from parallel.memory_plan import CHECKPOINTING
 from parallel.model_config import ModelConfig
 
 
@@ -67,7 +72,7 @@ class LLaDABlock(nn.Module):
     """Pre-norm attention and SwiGLU MLP with residuals; names as in the released blocks."""
 
     def __init__(self, config: ModelConfig, layers: DenseLayers, rope: RotaryEmbedding,
-                 attention_backend: str):
+                 attention_backend: str, layer: int, init: TruncatedNormalInit | None):
         super().__init__()
         self.config = config
         self.rope = rope
@@ -75,16 +80,21 @@ class LLaDABlock(nn.Module):
         tp = layers.tp_size
         self.local_heads = config.n_heads // tp
         self.local_kv_heads = config.n_kv_heads // tp
-        kv_dim = config.n_kv_heads * config.head_dim
-        self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.q_proj = layers.column(config.d_model, config.d_model)
-        self.k_proj = layers.column(config.d_model, kv_dim)
-        self.v_proj = layers.column(config.d_model, kv_dim)
-        self.attn_out = layers.row(config.d_model, config.d_model)
-        self.ff_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.ff_proj = layers.column(config.d_model, config.mlp_hidden_size)  # gate (SiLU)
-        self.up_proj = layers.column(config.d_model, config.mlp_hidden_size)
-        self.ff_out = layers.row(config.mlp_hidden_size, config.d_model)
+        d, ffn, kv_dim = config.d_model, config.mlp_hidden_size, config.n_kv_heads * config.head_dim
+
+        def draw(fan_in: int, depth_scaled: bool = False):
+            # mitchell: output projections further / sqrt(2 (layer + 1))
+            return init(fan_in, 2 * (layer + 1) if depth_scaled else 1.0) if init else None
+
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = layers.column(d, d, draw(d))
+        self.k_proj = layers.column(d, kv_dim, draw(d))
+        self.v_proj = layers.column(d, kv_dim, draw(d))
+        self.attn_out = layers.row(d, d, draw(d, depth_scaled=True))
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps)
+        self.ff_proj = layers.column(d, ffn, draw(d))  # gate (SiLU)
+        self.up_proj = layers.column(d, ffn, draw(d))
+        self.ff_out = layers.row(ffn, d, draw(ffn, depth_scaled=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -100,77 +110,110 @@ class LLaDABlock(nn.Module):
 
 
 class _Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, layers: DenseLayers, attention_backend: str):
+    def __init__(self, config: ModelConfig, layers: DenseLayers, attention_backend: str,
+                 init: TruncatedNormalInit | None, loss_chunk_tokens: int):
         super().__init__()
         rope = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.transformer = nn.ModuleDict(dict(
-            wte=layers.embedding(config.vocab_size, config.d_model),
-            blocks=nn.ModuleList(LLaDABlock(config, layers, rope, attention_backend)
-                                 for _ in range(config.n_layers)),
-            ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
-        ))
+        d = config.d_model
+        wte = layers.embedding(config.vocab_size, d, init(d) if init else None)
+        blocks = nn.ModuleList(LLaDABlock(config, layers, rope, attention_backend, i, init)
+                               for i in range(config.n_layers))
+        self.transformer = nn.ModuleDict(dict(wte=wte, blocks=blocks,
+                                              ln_f=RMSNorm(d, config.rms_norm_eps)))
         if not config.weight_tying:
-            self.transformer["ff_out"] = layers.head(config.d_model, config.vocab_size)
+            self.transformer["ff_out"] = layers.head(d, config.vocab_size, init(d) if init else None,
+                                                     chunk_tokens=loss_chunk_tokens)
+
+
+def _save_matmuls_and_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing: keep what is expensive to recompute, recompute the rest.
+
+    Not usable under ZeRO-3: its parameter gathering runs tensor operations inside the block
+    that a selective recomputation cannot replay (the config refuses the combination)."""
+    if op in _EXPENSIVE_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_EXPENSIVE_OPS = {
+    # Tensor-parallel all-reduces run in place on a matmul output: recomputing them would
+    # reduce the saved (already reduced) output a second time.
+    torch.ops.c10d.allreduce_.default,
+    torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
 
 
 class LLaDAModel(nn.Module):
-    """Token ids [b, s] -> fp32 logits [b, s, vocab] (vocab / TP per rank when tensor-parallel)."""
+    """Token ids [b, s] -> fp32 logits [b, s, vocab], or per-token cross-entropy [b, s] when
+    `targets` are given (through the chunked, possibly vocabulary-parallel head).
+
+    init_seed: weights drawn from a generator with this seed (the same weights at every
+    tensor-parallel size); None leaves them to be loaded. activation_checkpointing: "none",
+    "full" (keep only each block's input) or "selective" (keep matmul and attention outputs,
+    recompute norms, RoPE and activations). loss_chunk_tokens: positions per head chunk
+    (0: all at once).
+    """
 
     def __init__(self, config: ModelConfig, layers: DenseLayers | None = None,
-                 attention_backend: str = "auto", init: bool = True):
+                 attention_backend: str = "auto", init_seed: int | None = 0,
+                 activation_checkpointing: str = "none", loss_chunk_tokens: int = 0):
         super().__init__()
         problems = config.problems()
         if problems:
             raise ValueError("; ".join(problems))
+        if activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing: {activation_checkpointing!r} is not one "
+                             f"of {', '.join(CHECKPOINTING)}")
         self.config = config
         self.layers = layers or DenseLayers()
-        self.model = _Transformer(config, self.layers, attention_backend)
-        if init:
-            self.reset_parameters()
+        self.activation_checkpointing = activation_checkpointing
+        init = None
+        if init_seed is not None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            generator = torch.Generator(device=device).manual_seed(init_seed)
+            init = TruncatedNormalInit(generator, config.init_cutoff_factor)
+        self.model = _Transformer(config, self.layers, attention_backend, init, loss_chunk_tokens)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer.blocks
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing == "none" or not torch.is_grad_enabled():
+            return block(x)
+        if self.activation_checkpointing == "full":
+            return checkpoint(block, x, use_reentrant=False)
+        return checkpoint(block, x, use_reentrant=False, context_fn=functools.partial(
+            create_selective_checkpoint_contexts, _save_matmuls_and_attention))
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         t = self.model.transformer
         x = t.wte(input_ids)
         for block in t.blocks:
-            x = block(x)
+            x = self._run_block(block, x)
         x = t.ln_f(x)
         if self.config.weight_tying:
-            logits = F.linear(x, self.layers.head_weight_of(t.wte))
-        else:
-            logits = t.ff_out(x)
-        return logits.float()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """The released `mitchell` init: truncated normal (cut at +-cutoff std), std 1/sqrt(d_in);
-        each block's output projections (attn_out, ff_out) further / sqrt(2 (layer + 1))."""
-        c = self.config
-        t = self.model.transformer
-
-        def trunc(weight: torch.Tensor, d_in: int, layer: int | None = None) -> None:
-            std = 1.0 / math.sqrt(d_in)
-            if layer is not None:
-                std /= math.sqrt(2 * (layer + 1))
-            cut = c.init_cutoff_factor * std
-            nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-cut, b=cut)
-
-        trunc(t.wte.weight, c.d_model)
-        for i, blk in enumerate(t.blocks):
-            for lin in (blk.q_proj, blk.k_proj, blk.v_proj, blk.ff_proj, blk.up_proj):
-                trunc(lin.weight, c.d_model)
-            trunc(blk.attn_out.weight, c.d_model, layer=i)
-            trunc(blk.ff_out.weight, c.mlp_hidden_size, layer=i)
-            blk.attn_norm.weight.fill_(1.0)
-            blk.ff_norm.weight.fill_(1.0)
-        t.ln_f.weight.fill_(1.0)
-        if "ff_out" in t:
-            trunc(t.ff_out.weight, c.d_model)
+            logits_fn = functools.partial(F.linear, weight=t.wte.weight)
+            if targets is None:
+                return logits_fn(x).float()
+            return chunked_token_cross_entropy(
+                x, targets, loss_mask, logits_fn=logits_fn, chunk_tokens=0,
+                ce_fn=lambda logits, y: F.cross_entropy(logits.float(), y, reduction="none"))
+        if targets is None:
+            return self.layers.gather_vocab(t.ff_out(x)).float()
+        return t.ff_out(x, targets=targets, loss_mask=loss_mask)
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Norm weights (the only 1-D parameters: the model has no biases) take no weight decay."""
-    return param.ndim < 2 or name.endswith("norm.weight") or ".ln_f." in name
+    """Norm weights (the only 1-D parameters: the model has no biases) take no weight decay.
+
+    A parameter built under deepspeed.zero.Init holds an empty partition: its real shape is
+    `ds_shape`, not `shape`.
+    """
+    shape = getattr(param, "ds_shape", param.shape)
+    return len(shape) < 2 or name.endswith("norm.weight") or ".ln_f." in name

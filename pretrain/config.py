@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from parallel.engine_config import ParallelConfig
+from parallel.memory_plan import CHECKPOINTING
 from parallel.model_config import ModelConfig, preset
 from pretrain.schedule import ScheduleConfig
 
@@ -75,11 +77,19 @@ class TrainConfig:
     seed: int = 1234
     # "auto": bf16 on GPU, fp32 on CPU.
     precision: str = "auto"
-    zero_stage: int = 3
-    # dtype of gradient reduce-scatter / all-reduce; fp32 is the accurate default.
-    communication_dtype: str = "fp32"
     attention_backend: str = "auto"
     out_dir: str = "runs/tiny"
+
+
+@dataclass
+class MemoryConfig:
+    """The memory plan: activation checkpointing, the chunked LM head, the device budget."""
+    # "none", "full" (keep each block's input only) or "selective" (keep matmul/attention outputs).
+    activation_checkpointing: str = "none"
+    # Positions per LM-head / cross-entropy chunk; 0 runs the whole micro-batch at once.
+    loss_chunk_tokens: int = 0
+    # The device memory the launch-time estimate is checked against.
+    gpu_memory_gib: float = 80.0
 
 
 @dataclass
@@ -122,6 +132,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -142,6 +154,10 @@ def _coerce(value, annotation, where: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of fields")
@@ -196,8 +212,12 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
-    """Build and validate a RunConfig from a YAML file (or defaults) and overrides."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
+                check_paths: bool = True) -> RunConfig:
+    """Build and validate a RunConfig from a YAML file (or defaults) and overrides.
+
+    check_paths=False skips the checks that data and tokenizer files exist (a --dry-run plans
+    a cluster launch on a machine that need not hold the data)."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -227,7 +247,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         raise ConfigError(f"model.preset: {e.args[0]}") from None
     _apply(cfg.model, model_raw, "model.")
     _apply(cfg, raw, "")
-    problems = validate(cfg)
+    problems = validate(cfg, check_paths)
     if problems:
         raise ConfigError("\n".join(problems))
     return cfg
@@ -235,7 +255,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
 
 # ---------------------------------------------------------------- validation
 
-def validate(cfg: RunConfig) -> list[str]:
+def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     """Every problem with the config, one line each naming the field and the fix."""
     out = list(cfg.model.problems()) + list(cfg.schedule.problems())
     t, d, v = cfg.train, cfg.data, cfg.validation
@@ -252,17 +272,14 @@ def validate(cfg: RunConfig) -> list[str]:
                    f"train.micro_batch_size {t.micro_batch_size}")
     if t.precision not in ("auto", "fp32", "bf16"):
         out.append(f"train.precision: {t.precision!r} is not auto, fp32 or bf16")
-    if t.zero_stage not in (0, 1, 2, 3):
-        out.append(f"train.zero_stage: {t.zero_stage} is not 0, 1, 2 or 3")
-    if t.communication_dtype not in ("fp32", "bf16"):
-        out.append(f"train.communication_dtype: {t.communication_dtype!r} is not fp32 or bf16")
+    out += validate_parallel(cfg)
     if t.attention_backend not in ("auto", "flash", "sdpa"):
         out.append(f"train.attention_backend: {t.attention_backend!r} is not auto, flash or sdpa")
     if d.source not in ("stdlib", "files", "shards"):
         out.append(f"data.source: {d.source!r} is not 'stdlib', 'files' or 'shards'")
     if d.source == "files" and not d.paths:
         out.append("data.paths: data.source is 'files' but no paths are given")
-    for p in d.paths:
+    for p in d.paths if check_paths else ():
         if not Path(p).exists():
             out.append(f"data.paths: no such file or directory {p!r}")
     if d.source == "shards":
@@ -275,7 +292,7 @@ def validate(cfg: RunConfig) -> list[str]:
             out.append("data.validation_path: validation needs a prepared held-out directory "
                        "(or set validation.every=0)")
     for i, src in enumerate(d.sources):
-        if not Path(src.path, "manifest.json").is_file():
+        if check_paths and not Path(src.path, "manifest.json").is_file():
             out.append(f"data.sources[{i}].path: no manifest.json in {src.path!r}; prepare it with "
                        f"`python -m data_pipeline.prepare`")
         if src.weight <= 0:
@@ -283,7 +300,7 @@ def validate(cfg: RunConfig) -> list[str]:
     names = [src.name or Path(src.path).name for src in d.sources]
     if len(set(names)) != len(names):
         out.append(f"data.sources: names {names} repeat; give each source a distinct name")
-    if d.validation_path is not None and not Path(d.validation_path, "manifest.json").is_file():
+    if check_paths and d.validation_path is not None and not Path(d.validation_path, "manifest.json").is_file():
         out.append(f"data.validation_path: no manifest.json in {d.validation_path!r}")
     if d.pad_vocab_to_multiple < 0:
         out.append(f"data.pad_vocab_to_multiple: must be >= 0, got {d.pad_vocab_to_multiple}")
@@ -291,7 +308,7 @@ def validate(cfg: RunConfig) -> list[str]:
         out.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.variable_length_mode not in ("carry", "discard"):
         out.append(f"data.variable_length_mode: {d.variable_length_mode!r} is not 'carry' or 'discard'")
-    if d.tokenizer is not None and not Path(d.tokenizer).is_file():
+    if check_paths and d.tokenizer is not None and not Path(d.tokenizer).is_file():
         out.append(f"data.tokenizer: no such file {d.tokenizer!r}; give a tokenizer.json or null "
                    f"to train one")
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_sequence_length:
@@ -318,9 +335,65 @@ def validate(cfg: RunConfig) -> list[str]:
                    f"{s.gen_length // s.block_length}")
     if s.temperature < 0:
         out.append("sample.temperature: must be >= 0")
+    m = cfg.memory
+    if m.activation_checkpointing not in CHECKPOINTING:
+        out.append(f"memory.activation_checkpointing: {m.activation_checkpointing!r} is not one of "
+                   f"{', '.join(CHECKPOINTING)}")
+    elif m.activation_checkpointing == "selective" and cfg.parallel.zero_stage == 3:
+        out.append("memory.activation_checkpointing: 'selective' (torch's selective checkpointing) "
+                   "cannot replay the tensor operations ZeRO-3 runs inside each block to gather "
+                   "parameters; use 'full' with parallel.zero_stage 3, or 'selective' with "
+                   "parallel.zero_stage <= 2")
+    if m.loss_chunk_tokens < 0:
+        out.append("memory.loss_chunk_tokens: must be >= 0 (0 runs the whole micro-batch at once)")
+    if m.gpu_memory_gib <= 0:
+        out.append("memory.gpu_memory_gib: must be positive")
     lo, hi = cfg.optim.betas
     if not (0 <= lo < 1 and 0 <= hi < 1):
         out.append(f"optim.betas: {cfg.optim.betas} must lie in [0, 1)")
     if cfg.optim.grad_clip < 0 or cfg.optim.weight_decay < 0 or cfg.optim.eps <= 0:
         out.append("optim.grad_clip / optim.weight_decay must be >= 0 and optim.eps > 0")
+    return out
+
+
+def validate_parallel(cfg: RunConfig) -> list[str]:
+    """Problems with the parallel layout that do not depend on the world size."""
+    out = []
+    p, m = cfg.parallel, cfg.model
+    tp = p.tensor_parallel
+    if p.zero_stage not in (0, 1, 2, 3):
+        out.append(f"parallel.zero_stage: {p.zero_stage} is not 0, 1, 2 or 3")
+    if p.communication_dtype not in ("fp32", "bf16"):
+        out.append(f"parallel.communication_dtype: {p.communication_dtype!r} is not fp32 or bf16")
+    for name in ("reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters",
+                 "hpz_partition_size"):
+        if getattr(p, name) <= 0:
+            out.append(f"parallel.{name}: must be positive, got {getattr(p, name)}")
+    if p.param_persistence_threshold < 0 or p.rendezvous_timeout_s <= 0:
+        out.append("parallel.param_persistence_threshold must be >= 0 and "
+                   "parallel.rendezvous_timeout_s > 0")
+    if tp < 1:
+        out.append(f"parallel.tensor_parallel: must be >= 1, got {tp}")
+        return out
+    if m.weight_tying and p.zero_stage == 3:
+        out.append("model.weight_tying: the tied head reads the embedding's weight outside its "
+                   "module, which ZeRO-3 keeps partitioned; use parallel.zero_stage <= 2")
+    if tp == 1:
+        return out
+    split = {"n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "mlp_hidden_size": m.mlp_hidden_size}
+    fitting = [k for k in range(1, 65) if all(v % k == 0 for v in split.values())]
+    for field_name, value in split.items():
+        if value % tp:
+            out.append(f"model.{field_name}: {value} is not divisible by parallel.tensor_parallel "
+                       f"{tp}; tensor parallelism splits it evenly: this model allows TP in {fitting}")
+    if cfg.data.pad_vocab_to_multiple:
+        if cfg.data.pad_vocab_to_multiple % tp:
+            out.append(f"data.pad_vocab_to_multiple: {cfg.data.pad_vocab_to_multiple} is not a "
+                       f"multiple of parallel.tensor_parallel {tp}; the vocabulary-parallel "
+                       f"embedding and head need a vocabulary divisible by TP")
+    elif m.vocab_size % tp:
+        out.append(f"model.vocab_size: {m.vocab_size} is not divisible by parallel.tensor_parallel "
+                   f"{tp}; pad it (data.pad_vocab_to_multiple: {128 * tp}) or change TP")
+    if m.weight_tying:
+        out.append("model.weight_tying: tied embeddings are supported at tensor_parallel 1 only")
     return out

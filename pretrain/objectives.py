@@ -57,18 +57,23 @@ def forward_process(input_ids: torch.Tensor, mask_id: int, *, generator: torch.G
     return NoisedBatch(noisy=noisy, masked=masked, p_mask=p_mask)
 
 
-def _masked_token_ce(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """fp32 cross-entropy at every position, zeroed where not masked ([b, l])."""
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 cross-entropy at every position ([b, l]) from whole-vocabulary logits."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return ce.view(targets.shape) * masked
+    return ce.view(targets.shape)
+
+
+def pretrain_loss_from_ce(ce: torch.Tensor, nb: NoisedBatch) -> torch.Tensor:
+    """Algorithm 1 from per-token cross-entropy [b, l]: sum over masked positions of CE / p_mask,
+    divided by b x l, where l is the batch's actual (possibly shortened) length, not the masked
+    count."""
+    b, l = ce.shape
+    return (ce * nb.masked / nb.p_mask[:, None]).sum() / (b * l)
 
 
 def pretrain_loss(logits: torch.Tensor, input_ids: torch.Tensor, nb: NoisedBatch) -> torch.Tensor:
-    """Algorithm 1: sum over masked positions of CE / p_mask, divided by b x l, where l is the
-    batch's actual (possibly shortened) length, not the masked count."""
-    b, l = input_ids.shape
-    ce = _masked_token_ce(logits, input_ids, nb.masked)
-    return (ce / nb.p_mask[:, None]).sum() / (b * l)
+    """Algorithm 1 from logits (any model that maps ids to logits)."""
+    return pretrain_loss_from_ce(token_cross_entropy(logits, input_ids), nb)
 
 
 def sft_noise(input_ids: torch.Tensor, prompt_lengths: torch.Tensor, mask_id: int, *,
@@ -89,11 +94,26 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lengths: torc
     row's answer length (EOS padding included: it is masked and trained), then mean over rows."""
     l = input_ids.shape[1]
     answer_len = (l - prompt_lengths).clamp(min=1).float()
-    ce = _masked_token_ce(logits, input_ids, nb.masked)
-    per_row = (ce / nb.p_mask[:, None]).sum(dim=1) / answer_len
+    ce = token_cross_entropy(logits, input_ids)
+    per_row = (ce * nb.masked / nb.p_mask[:, None]).sum(dim=1) / answer_len
     return per_row.mean()
 
 
+def next_token_targets(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, loss_mask) for the AR baseline: position i predicts token i + 1; the last
+    position has no target."""
+    targets = torch.roll(input_ids, -1, dims=1)
+    loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    loss_mask[:, -1] = False
+    return targets, loss_mask
+
+
+def ar_loss_from_ce(ce: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the b x (l - 1) positions that have a target."""
+    return ce[:, :-1].mean()
+
+
 def ar_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """The autoregressive baseline: mean next-token cross-entropy over the b x (l - 1) targets."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
+    """The autoregressive baseline from logits: mean next-token cross-entropy."""
+    targets, _ = next_token_targets(input_ids)
+    return ar_loss_from_ce(token_cross_entropy(logits, targets))

@@ -1,18 +1,21 @@
 """The training loop: `python -m pretrain.train --config FILE [section.field=value ...]`.
 
 One loop, always on a DeepSpeed engine (a single CPU process is a world of one), for the
-masked diffusion objective and the autoregressive baseline. Each optimizer step runs
-`gradient accumulation` micro-batches whose data, 1% length cut, t and masks come from
-generators keyed by (seed, step, micro-step, data-parallel rank); the learning rate follows
-the configured schedule keyed on tokens seen; held-out loss on a fixed t grid, checkpoints
-and a closing sample come from the config.
-"""
+masked diffusion objective and the autoregressive baseline, at any layout: the rank layout and
+memory plan are resolved and printed before anything is allocated (`--dry-run` stops there),
+the model is built as megatron-core tensor-parallel shards when `parallel.tensor_parallel` > 1
+and partitioned by `zero.Init` under ZeRO-3. Each optimizer step runs `gradient accumulation`
+micro-batches; the data order and 1% length cut are keyed on the data-parallel rank, t and the
+masks on (seed, step, row of the global batch); the learning rate follows the configured
+schedule keyed on tokens seen; held-out loss on a fixed t grid, checkpoints and a closing
+sample come from the config."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -22,12 +25,18 @@ import torch
 
 from data_pipeline.seeding import keyed_generator
 from parallel import engine as ds
+from parallel.memory_plan import parameter_count
 from parallel.model import LLaDAModel, no_weight_decay
+from parallel.rendezvous import RendezvousError
+from parallel.topology import coordinates
 from pretrain.checkpoint import save_checkpoint
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data_setup import build_training_data
+from pretrain.layout import (deepspeed_config_text, engine_config, launch_report, memory_estimate,
+                             resolve_layout)
 from pretrain.metrics import MetricsLogger
-from pretrain.objectives import ar_loss, forward_process, pretrain_loss
+from pretrain.objectives import (NoisedBatch, ar_loss_from_ce, draw_mask, draw_t, forward_process,
+                                 next_token_targets, p_mask_of, pretrain_loss_from_ce)
 from pretrain.sampling import generate, generate_autoregressive, strip_at_eos
 from pretrain.schedule import lr_at
 from pretrain.validation import heldout_metrics
@@ -38,8 +47,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run config (defaults to the tiny demo)")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=20")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the layout, the memory plan and the DeepSpeed config, then exit "
+                             "(0 if the plan fits memory.gpu_memory_gib, 1 if not)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks to plan a --dry-run for (default: $WORLD_SIZE, else 1)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # the launcher puts --local_rank among overrides
 
 
 def quiet_libraries() -> None:
@@ -74,12 +88,42 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def micro_batch_loss(engine, cfg: RunConfig, batch: torch.Tensor, mask_id: int,
-                     noise_gen: torch.Generator) -> torch.Tensor:
+def draw_noise(batch: torch.Tensor, mask_id: int, seed: int, step: int, first_row: int) -> NoisedBatch:
+    """t and the mask of each row from a generator keyed by (seed, step, global row index): the
+    tensor-parallel ranks of a replica draw the same noise, replicas draw different noise, and a
+    row gets the same noise whichever rank and micro-step it lands on."""
+    rows_t, rows_masked = [], []
+    for i in range(batch.shape[0]):
+        gen = keyed_generator(seed, "noise", step, first_row + i, device=batch.device)
+        t = draw_t(1, gen, batch.device)
+        rows_t.append(t)
+        rows_masked.append(draw_mask(p_mask_of(t), batch.shape[1], gen))
+    return forward_process(batch, mask_id, t=torch.cat(rows_t), masked=torch.cat(rows_masked))
+
+
+def micro_batch_loss(engine, cfg: RunConfig, batch: torch.Tensor, mask_id: int, step: int,
+                     first_row: int) -> torch.Tensor:
     if cfg.train.objective == "arm":
-        return ar_loss(engine(batch), batch)
-    nb = forward_process(batch, mask_id, generator=noise_gen)
-    return pretrain_loss(engine(nb.noisy), batch, nb)
+        return ar_loss_from_ce(engine(batch, *next_token_targets(batch)))
+    nb = draw_noise(batch, mask_id, cfg.train.seed, step, first_row)
+    return pretrain_loss_from_ce(engine(nb.noisy, targets=batch, loss_mask=nb.masked), nb)
+
+
+def build_model(cfg: RunConfig, ds_config: dict) -> tuple[LLaDAModel, object]:
+    """The model for this rank (a TP shard when tensor_parallel > 1, built partitioned under
+    ZeRO-3) and the `mpu` adapter DeepSpeed needs for TP (None at TP 1)."""
+    layers, mpu = None, None
+    tp = cfg.parallel.tensor_parallel
+    if tp > 1:
+        from parallel.tensor_parallel import MegatronMpu, TensorParallelLayers, initialize_groups
+        initialize_groups(tp)
+        layers, mpu = TensorParallelLayers(tp), MegatronMpu()
+    with ds.model_construction(ds_config, mpu, enabled=cfg.parallel.zero_init):
+        model = LLaDAModel(cfg.model, layers, attention_backend=cfg.train.attention_backend,
+                           init_seed=cfg.train.seed,
+                           activation_checkpointing=cfg.memory.activation_checkpointing,
+                           loss_chunk_tokens=cfg.memory.loss_chunk_tokens)
+    return model, mpu
 
 
 @torch.no_grad()
@@ -99,11 +143,23 @@ def closing_sample(model, cfg: RunConfig, tok, device) -> list[int]:
     return strip_at_eos(out[0, prompt.shape[1]:].tolist(), tok.eos_id)
 
 
+def dry_run(cfg: RunConfig, world_size: int) -> int:
+    layout = resolve_layout(cfg, world_size)
+    ds_config = engine_config(cfg, layout)
+    estimate = memory_estimate(cfg, layout, bf16=ds.use_bf16(cfg.train.precision))
+    print(launch_report(cfg, layout, estimate))
+    print("deepspeed config:\n" + deepspeed_config_text(ds_config))
+    return 0 if estimate.fits(int(cfg.memory.gpu_memory_gib * 2**30)) else 1
+
+
 def run(cfg: RunConfig) -> None:
     quiet_libraries()
-    ds.init_distributed()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = resolve_layout(cfg, world_size)  # before any process group or allocation
+    ds.init_distributed(cfg.parallel.rendezvous_timeout_s)
     rank = torch.distributed.get_rank()
-    dp_rank, dp_size = ds.data_parallel_rank_and_size()
+    grid = coordinates(rank, world_size, cfg.parallel.tensor_parallel)
+    dp_rank, dp_size = grid.dp_rank, grid.dp_size
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -112,28 +168,28 @@ def run(cfg: RunConfig) -> None:
                                device=device)
     tok, mask_id = data.tokenizer, data.tokenizer.mask_id
 
-    torch.manual_seed(cfg.train.seed)
-    model = LLaDAModel(cfg.model, attention_backend=cfg.train.attention_backend)
-    n_params = sum(p.numel() for p in model.parameters())
-    per_step = cfg.train.micro_batch_size * dp_size
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not a multiple "
-                          f"of train.micro_batch_size x data-parallel size = {per_step}")
-    grad_accum = cfg.train.global_batch_size // per_step
-    engine = ds.initialize(model, build_optimizer(model, cfg), ds.deepspeed_config(
-        micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=grad_accum,
-        zero_stage=cfg.train.zero_stage, bf16=ds.use_bf16(cfg.train.precision),
-        communication_dtype=cfg.train.communication_dtype, grad_clip=cfg.optim.grad_clip))
+    bf16 = ds.use_bf16(cfg.train.precision)
+    ds_config = engine_config(cfg, layout)
+    if rank == 0:
+        print(launch_report(cfg, layout, memory_estimate(cfg, layout, bf16=bf16)), flush=True)
+        (out_dir / "deepspeed_config.json").write_text(deepspeed_config_text(ds_config))
+    model, mpu = build_model(cfg, ds_config)
+    engine = ds.initialize(model, build_optimizer(model, cfg), ds_config, mpu=mpu)
+    if engine.dp_world_size != dp_size:
+        raise RuntimeError(f"DeepSpeed sees data-parallel size {engine.dp_world_size}, the layout "
+                           f"has {dp_size}: the engine was built without the right mpu")
+    grad_accum = layout.grad_accum
+    micro = cfg.train.micro_batch_size
 
     log = MetricsLogger(out_dir, total_steps=cfg.train.steps, enabled=rank == 0,
                         jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                         progress_bar=cfg.logging.progress_bar)
-    log.print(f"model {n_params / 1e6:.2f}M params | tokenizer {tok.vocab_size} | data "
-              f"{data.description} | dp {dp_size} x micro {cfg.train.micro_batch_size} x accum {grad_accum}")
+    log.print(f"model {parameter_count(cfg.model) / 1e6:.2f}M params | tokenizer {tok.vocab_size} | "
+              f"data {data.description} | {layout.describe()} | engine DP {engine.dp_world_size}")
 
     def validate(step: int) -> dict:
         engine.module.eval()
-        result = heldout_metrics(engine.module, data.validation_batches, objective=cfg.train.objective,
+        result = heldout_metrics(engine, data.validation_batches, objective=cfg.train.objective,
                                  mask_id=mask_id, t_buckets=cfg.validation.t_buckets,
                                  seed=cfg.validation.seed)
         engine.module.train()
@@ -152,7 +208,6 @@ def run(cfg: RunConfig) -> None:
 
     tokens_seen = 0.0
     skipped = 0
-    seed = cfg.train.seed
     first_val = validate(0) if cfg.validation.every else None
     last_val = first_val
     for step in range(cfg.train.steps):
@@ -161,10 +216,10 @@ def run(cfg: RunConfig) -> None:
             group["lr"] = lr
         start = time.time()
         loss_sum, tokens = 0.0, 0
-        for micro in range(grad_accum):
+        for micro_step in range(grad_accum):
             batch = next(data.loader).tokens.to(device)
-            loss = micro_batch_loss(engine, cfg, batch, mask_id,
-                                    keyed_generator(seed, "noise", step, micro, dp_rank, device=device))
+            first_row = (micro_step * dp_size + dp_rank) * micro
+            loss = micro_batch_loss(engine, cfg, batch, mask_id, step, first_row)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()
@@ -202,10 +257,16 @@ def run(cfg: RunConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
+        if args.dry_run:
+            return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except RendezvousError as e:
+        print(f"launch error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -15,7 +15,11 @@ from typing import Callable
 import torch
 
 from data_pipeline.seeding import keyed_generator
-from pretrain.objectives import ar_loss, draw_mask, forward_process, p_mask_of, pretrain_loss
+from pretrain.objectives import (ar_loss_from_ce, draw_mask, forward_process, next_token_targets,
+                                 p_mask_of, pretrain_loss_from_ce)
+
+# (input ids, targets, loss mask) -> per-token fp32 cross-entropy: the training model's loss path.
+TokenCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def t_grid(buckets: int) -> list[float]:
@@ -23,20 +27,23 @@ def t_grid(buckets: int) -> list[float]:
 
 
 @torch.no_grad()
-def heldout_metrics(model_fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
+def heldout_metrics(token_ce: TokenCrossEntropy, batches: list[torch.Tensor],
                     *, objective: str, mask_id: int, t_buckets: int, seed: int) -> dict[str, float]:
-    """{'val/loss': mean, 'val/loss_t0.05': bucket mean, ...} over the fixed batches."""
+    """{'val/loss': mean, 'val/loss_t0.05': bucket mean, ...} over the fixed batches.
+
+    Every rank runs the same forwards (lockstep under ZeRO-3 and TP)."""
     if objective == "arm":
-        losses = [ar_loss(model_fn(batch), batch).item() for batch in batches]
+        losses = [ar_loss_from_ce(token_ce(batch, *next_token_targets(batch))).item()
+                  for batch in batches]
         return {"val/loss": sum(losses) / len(losses)}
     out: dict[str, float] = {}
     for k, t in enumerate(t_grid(t_buckets)):
         total = 0.0
         for i, batch in enumerate(batches):
-            t_rows = torch.full((batch.shape[0],), t)
-            masked = draw_mask(p_mask_of(t_rows), batch.shape[1], keyed_generator(seed, "val", i, k))
+            t_rows = torch.full((batch.shape[0],), t, device=batch.device)
+            masked = draw_mask(p_mask_of(t_rows), batch.shape[1], keyed_generator(seed, "val", i, k, device=batch.device))
             nb = forward_process(batch, mask_id, t=t_rows, masked=masked)
-            total += pretrain_loss(model_fn(nb.noisy), batch, nb).item()
+            total += pretrain_loss_from_ce(token_ce(nb.noisy, batch, nb.masked), nb).item()
         out[f"val/loss_t{t:.2f}"] = total / len(batches)
     out["val/loss"] = sum(out.values()) / t_buckets
     return out

@@ -2,8 +2,9 @@
 
 Reads RANK / WORLD_SIZE from the environment, places itself in a TP=2 x DP=2 grid, pulls a
 few micro-batches from the stream keyed on its data-parallel rank, and, as the negative
-control, from a stream wrongly keyed on its global rank; rank 0 writes every rank's batch
-hashes to the JSON file named by argv[1].
+control, from a stream wrongly keyed on its global rank; it also records the rows of its
+micro-batches (fixed length), and rank 0 those of one rank reading twice the rows, to compare
+with the global batch. Rank 0 writes every rank's record to the JSON file named by argv[1].
 """
 
 import hashlib
@@ -23,6 +24,12 @@ def batch_hashes(loader: TokenBatchLoader, count: int) -> list[str]:
     return hashes
 
 
+def batch_rows(loader: TokenBatchLoader, count: int) -> list[list[list[int]]]:
+    rows = [next(loader).tokens.tolist() for _ in range(count)]
+    loader.close()
+    return rows
+
+
 def main(out_path: str, data_dir: str, tokenizer_sha256: str, vocab_size: int) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
@@ -32,8 +39,13 @@ def main(out_path: str, data_dir: str, tokenizer_sha256: str, vocab_size: int) -
     sources = [SourceSpec("corpus", data_dir, 1.0)]
     by_dp_rank = batch_hashes(TokenBatchLoader(sources, dp_rank=grid.dp_rank, dp_size=grid.dp_size, **common), 6)
     by_global_rank = batch_hashes(TokenBatchLoader(sources, dp_rank=rank, dp_size=world, **common), 6)
+    fixed = dict(common, variable_length_prob=0.0)
+    rows = batch_rows(TokenBatchLoader(sources, dp_rank=grid.dp_rank, dp_size=grid.dp_size, **fixed), 4)
     record = {"rank": rank, "tp_rank": grid.tp_rank, "dp_rank": grid.dp_rank,
-              "by_dp_rank": by_dp_rank, "by_global_rank": by_global_rank}
+              "by_dp_rank": by_dp_rank, "by_global_rank": by_global_rank, "rows": rows}
+    if rank == 0:
+        fixed["batch_size"] *= grid.dp_size
+        record["one_rank_rows"] = batch_rows(TokenBatchLoader(sources, dp_rank=0, dp_size=1, **fixed), 4)
     gathered = [None] * world
     dist.all_gather_object(gathered, record)
     if rank == 0:

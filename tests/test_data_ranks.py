@@ -1,7 +1,9 @@
 """A real 4-process run (TP=2 x DP=2, ranks from the environment) reads the data as DESIGN.md
 section 4 requires: identical batches inside a tensor-parallel pair, different batches across
-data-parallel ranks. The negative control keys the stream on the global rank instead, which
-gives the two ranks of a tensor-parallel pair different data (a silently wrong model)."""
+data-parallel ranks, and the data-parallel ranks' micro-batches together are exactly the batch
+one rank reads with twice the rows. The negative control keys the stream on the global rank
+instead, which gives the two ranks of a tensor-parallel pair different data (a silently wrong
+model)."""
 
 import json
 import socket
@@ -45,3 +47,7 @@ def test_tensor_parallel_pairs_share_batches_and_replicas_differ(tmp_path, subpr
     assert set(ranks[0]["by_dp_rank"]).isdisjoint(ranks[2]["by_dp_rank"])
     # negative control: keyed on the global rank, a tensor-parallel pair reads different data
     assert set(ranks[0]["by_global_rank"]).isdisjoint(ranks[1]["by_global_rank"])
+    # the two replicas' micro-batches are disjoint and together form the one-rank global batch
+    for step, (dp0, dp1) in enumerate(zip(ranks[0]["rows"], ranks[2]["rows"])):
+        assert not {tuple(r) for r in dp0} & {tuple(r) for r in dp1}
+        assert dp0 + dp1 == ranks[0]["one_rank_rows"][step]

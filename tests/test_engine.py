@@ -4,7 +4,8 @@ At world size 1 on CPU (fp32): two optimizer steps of ZeRO-3 with 2 micro-batche
 accumulated must leave the same weights as ZeRO-0 with one batch of 4 (Algorithm 1 averages
 over equal-length micro-batches, and DeepSpeed divides the loss by the accumulation count).
 A negative control changes one micro-batch's masks and must move the weights past the
-tolerance, so the comparison can fail. Also checks the engine config's precision choices.
+tolerance, so the comparison can fail. Also checks the engine config generated from the
+run's parallel settings.
 """
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from data_pipeline.seeding import keyed_generator
 from parallel import engine as ds
+from parallel.engine_config import ParallelConfig, deepspeed_config
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from pretrain.objectives import forward_process, pretrain_loss
@@ -28,9 +30,9 @@ def train(zero_stage: int, micro: int, perturb: bool = False) -> dict[str, torch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.1)
     accum = 4 // micro
-    engine = ds.initialize(model, opt, ds.deepspeed_config(
-        micro_batch_size=micro, grad_accum_steps=accum, zero_stage=zero_stage, bf16=False,
-        communication_dtype="fp32", grad_clip=1.0))
+    engine = ds.initialize(model, opt, deepspeed_config(
+        ParallelConfig(zero_stage=zero_stage), micro_batch_size=micro, grad_accum_steps=accum,
+        bf16=False, grad_clip=1.0))
     for step, batch in enumerate(DATA):
         # masks are drawn per row, so any split of the batch sees the same masks
         nb_full = forward_process(batch, MASK_ID, generator=keyed_generator(0, "noise", step))
@@ -65,9 +67,9 @@ def test_zero3_skips_a_step_whose_gradient_is_not_finite():
     this pins that ZeRO-3 then really leaves the weights untouched."""
     torch.manual_seed(0)
     model = LLaDAModel(CFG)
-    engine = ds.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-2), ds.deepspeed_config(
-        micro_batch_size=4, grad_accum_steps=1, zero_stage=3, bf16=False,
-        communication_dtype="fp32", grad_clip=1.0))
+    engine = ds.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-2), deepspeed_config(
+        ParallelConfig(zero_stage=3), micro_batch_size=4, grad_accum_steps=1, bf16=False,
+        grad_clip=1.0))
     batch = DATA[0]
     before = ds.full_state_dict(engine.module)
     engine.backward(engine(batch).float().mean() * float("nan"))
@@ -82,8 +84,8 @@ def test_zero3_skips_a_step_whose_gradient_is_not_finite():
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_engine_config_precision(bf16):
-    cfg = ds.deepspeed_config(micro_batch_size=4, grad_accum_steps=8, zero_stage=3, bf16=bf16,
-                              communication_dtype="fp32", grad_clip=1.0)
+    cfg = deepspeed_config(ParallelConfig(), micro_batch_size=4, grad_accum_steps=8, bf16=bf16,
+                           grad_clip=1.0)
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["communication_data_type"] == "fp32"
     assert cfg["gradient_accumulation_steps"] == 8 and cfg["gradient_clipping"] == 1.0
@@ -97,3 +99,20 @@ def test_engine_config_precision(bf16):
 def test_precision_auto_is_fp32_on_cpu():
     assert ds.use_bf16("bf16") and not ds.use_bf16("fp32")
     assert ds.use_bf16("auto") == torch.cuda.is_available()
+
+
+def test_engine_config_carries_zero3_settings_hpz_and_passthrough_keys():
+    parallel = ParallelConfig(zero_stage=3, hpz_partition_size=8, prefetch_bucket_size=123,
+                              communication_dtype="bf16",
+                              deepspeed={"zero_optimization": {"stage3_max_reuse_distance": 7},
+                                         "flops_profiler": {"enabled": True}})
+    cfg = deepspeed_config(parallel, micro_batch_size=4, grad_accum_steps=1, bf16=True, grad_clip=1.0)
+    zero = cfg["zero_optimization"]
+    assert zero["zero_hpz_partition_size"] == 8 and zero["stage3_prefetch_bucket_size"] == 123
+    assert zero["overlap_comm"] is True and zero["stage"] == 3
+    assert zero["stage3_max_reuse_distance"] == 7  # passed-through key wins, siblings stay
+    assert cfg["flops_profiler"] == {"enabled": True}
+    assert cfg["communication_data_type"] == "bf16"
+    stage1 = deepspeed_config(ParallelConfig(zero_stage=1), micro_batch_size=4, grad_accum_steps=1,
+                              bf16=False, grad_clip=1.0)["zero_optimization"]
+    assert not any(k.startswith("stage3") or k == "zero_hpz_partition_size" for k in stage1)

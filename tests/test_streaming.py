@@ -93,7 +93,7 @@ def test_epoch_zero_is_spread_over_ranks_and_workers_exactly_once(tmp_path, layo
         prefixes = []
         for worker in range(workers):
             for lane in range(lanes):
-                expected = epoch_zero[(rank * workers + worker) * lanes + lane]
+                expected = epoch_zero[(worker * dp_size + rank) * lanes + lane]
                 stream = np.concatenate([b.tokens[lane].numpy() for b in batches if b.worker == worker])
                 assert len(stream) > len(expected)
                 prefixes.append(stream[:len(expected)])
@@ -154,7 +154,9 @@ def test_mixing_meets_the_weights_in_tokens(tmp_path):
     loader = make_loader(specs, dp_rank=1, dp_size=2)
     batches = take(loader, 200)
     rows = 200 * 2
-    draws = [torch.rand((), dtype=torch.float64, generator=keyed_generator(SEED, "mix", 1, 0, row)).item()
+    # row k * 2 + lane is lane `lane` of batch k: slot (worker 0 * dp_size 2 + rank 1) * 2 + lane
+    draws = [torch.rand((), dtype=torch.float64,
+                        generator=keyed_generator(SEED, "mix", 2 + row % 2, row // 2)).item()
              for row in range(rows)]
     from_a = torch.cat([b.tokens for b in batches])[:, 0] < 150_000
     assert from_a.tolist() == [draw < 0.75 for draw in draws]  # each row's source is its keyed draw

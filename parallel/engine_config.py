@@ -1,0 +1,81 @@
+"""The DeepSpeed engine config, generated from the run's parallel settings (one source of truth).
+
+`ParallelConfig` is the `parallel` section of the run config; `deepspeed_config` turns it and
+the batch layout into the dict handed to `deepspeed.initialize` and `deepspeed.zero.Init`:
+ZeRO stage and its overlap/bucket/prefetch settings, hpZ, bf16 with fp32 gradient accumulation
+and a deliberate communication dtype, clipping. Keys DeepSpeed has that the project does not
+model pass through `parallel.deepspeed` and are merged last.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and its training state are split over ranks (DeepSpeed + megatron-core)."""
+    tensor_parallel: int = 1
+    zero_stage: int = 3
+    # ZeRO-3: build the model already partitioned (deepspeed.zero.Init): no rank holds it whole.
+    zero_init: bool = True
+    # dtype of the gradient reduce-scatter / all-reduce: fp32 is exact, bf16 halves the traffic.
+    communication_dtype: str = "fp32"
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 500_000_000
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    max_live_parameters: int = 1_000_000_000
+    # hpZ (ZeRO++): a second copy of the bf16 weights partitioned within groups of this many
+    # ranks (e.g. the GPUs of a node), so forward/backward all-gathers stay inside the group.
+    hpz_partition_size: int = 1
+    # Seconds a rank keeps trying to reach MASTER_ADDR:MASTER_PORT before it gives up.
+    rendezvous_timeout_s: float = 300.0
+    # Extra DeepSpeed config keys merged over the generated ones (nested mappings merge).
+    deepspeed: dict = field(default_factory=dict)
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """`base` with `extra` merged in: nested mappings merge key by key, other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(parallel: ParallelConfig, *, micro_batch_size: int, grad_accum_steps: int,
+                     bf16: bool, grad_clip: float) -> dict:
+    zero = {"stage": parallel.zero_stage, "overlap_comm": parallel.overlap_comm,
+            "contiguous_gradients": True, "reduce_scatter": True,
+            "reduce_bucket_size": parallel.reduce_bucket_size}
+    if parallel.zero_stage in (1, 2):
+        zero["allgather_bucket_size"] = parallel.reduce_bucket_size
+    if parallel.zero_stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": parallel.prefetch_bucket_size,
+            "stage3_param_persistence_threshold": parallel.param_persistence_threshold,
+            "stage3_max_live_parameters": parallel.max_live_parameters,
+            "stage3_max_reuse_distance": parallel.max_live_parameters,
+            # Checkpoints keep the sharded fp32 state; export gathers weights itself.
+            "stage3_gather_16bit_weights_on_model_save": False,
+            "zero_hpz_partition_size": parallel.hpz_partition_size,
+        })
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "communication_data_type": parallel.communication_dtype,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+        # bf16 gradient accumulation diverges; accumulate (and reduce) in fp32.
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return merged(cfg, parallel.deepspeed)

@@ -1,0 +1,80 @@
+"""The run's rank layout and memory plan, resolved from the config before anything is allocated.
+
+A launch first turns (config, world size) into a layout: tensor- and data-parallel sizes, micro
+and global batch, gradient accumulation. A world that TP does not divide, or a global batch that
+micro x DP does not divide, stops here with the fix. The same layout gives the DeepSpeed config
+and the per-GPU memory estimate that every launch prints and `--dry-run` prints alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from parallel.engine import use_bf16
+from parallel.engine_config import deepspeed_config
+from parallel.memory_plan import GiB, MemoryEstimate, estimate_memory
+from pretrain.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    tensor_parallel: int
+    data_parallel: int
+    micro_batch_size: int
+    global_batch_size: int
+    grad_accum: int
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = TP {self.tensor_parallel} x DP {self.data_parallel} | "
+                f"global batch {self.global_batch_size} = micro {self.micro_batch_size} x DP "
+                f"{self.data_parallel} x accumulation {self.grad_accum}")
+
+
+def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
+    tp = cfg.parallel.tensor_parallel
+    if world_size < 1 or world_size % tp:
+        raise ConfigError(f"parallel.tensor_parallel: world size {world_size} is not divisible by "
+                          f"TP {tp}; launch a multiple of {tp} ranks (e.g. --num_gpus) or change TP")
+    dp = world_size // tp
+    micro, global_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if global_batch % (micro * dp):
+        raise ConfigError(f"train.global_batch_size: {global_batch} is not a multiple of "
+                          f"train.micro_batch_size {micro} x data-parallel size {dp} = {micro * dp}; "
+                          f"change the global batch, the micro batch or the number of ranks")
+    return Layout(world_size=world_size, tensor_parallel=tp, data_parallel=dp,
+                  micro_batch_size=micro, global_batch_size=global_batch,
+                  grad_accum=global_batch // (micro * dp))
+
+
+def engine_config(cfg: RunConfig, layout: Layout) -> dict:
+    return deepspeed_config(cfg.parallel, micro_batch_size=layout.micro_batch_size,
+                            grad_accum_steps=layout.grad_accum,
+                            bf16=use_bf16(cfg.train.precision), grad_clip=cfg.optim.grad_clip)
+
+
+def memory_estimate(cfg: RunConfig, layout: Layout, *, bf16: bool) -> MemoryEstimate:
+    p = cfg.parallel
+    return estimate_memory(
+        cfg.model, tensor_parallel=layout.tensor_parallel, data_parallel=layout.data_parallel,
+        zero_stage=p.zero_stage, micro_batch_size=layout.micro_batch_size,
+        seq_len=cfg.data.seq_len, bf16=bf16,
+        activation_checkpointing=cfg.memory.activation_checkpointing,
+        loss_chunk_tokens=cfg.memory.loss_chunk_tokens, prefetch_bucket_size=p.prefetch_bucket_size,
+        reduce_bucket_size=p.reduce_bucket_size, hpz_partition_size=p.hpz_partition_size)
+
+
+def launch_report(cfg: RunConfig, layout: Layout, estimate: MemoryEstimate) -> str:
+    """What every launch prints: the layout and the memory plan against the device budget."""
+    return "\n".join([
+        f"layout: {layout.describe()}",
+        f"memory plan per GPU (activation checkpointing {cfg.memory.activation_checkpointing}, "
+        f"loss chunk {cfg.memory.loss_chunk_tokens or 'whole micro-batch'}, "
+        f"seq {cfg.data.seq_len}):",
+        estimate.table(int(cfg.memory.gpu_memory_gib * GiB)),
+    ])
+
+
+def deepspeed_config_text(ds_config: dict) -> str:
+    return json.dumps(ds_config, indent=2, sort_keys=True)

@@ -1,0 +1,25 @@
+""":"
+# LLaDA 8B pretraining (recipes/llada_8b.yaml). This file is both a bash script and a Python
+# script, so both commands work:
+#   deepspeed [--hostfile H] recipes/llada_8b.sh [section.field=value ...]
+#       the launcher runs `python -u recipes/llada_8b.sh --local_rank=N ...` on every rank:
+#       the Python part at the bottom trains;
+#   [HOSTFILE=H] bash recipes/llada_8b.sh [section.field=value ...]
+#       this bash part starts the deepspeed launcher on this file (or, with --dry-run, prints
+#       the layout, the memory plan and the DeepSpeed config without starting anything).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ " $* " == *" --dry-run "* ]]; then
+  exec python "$here/llada_8b.sh" "$@"
+fi
+exec deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} ${MASTER_PORT:+--master_port "$MASTER_PORT"} \
+  "$here/llada_8b.sh" "$@"
+":"""
+import pathlib
+import sys
+
+recipe = pathlib.Path(__file__).resolve()
+sys.path.insert(0, str(recipe.parents[1]))  # the checkout, whatever the working directory
+from pretrain.train import main  # noqa: E402
+
+sys.exit(main(["--config", str(recipe.with_suffix(".yaml")), *sys.argv[1:]]))
