@@ -114,6 +114,10 @@ def build_model(cfg: RunConfig, ds_config: dict) -> tuple[LLaDAModel, object]:
     ZeRO-3) and the `mpu` adapter DeepSpeed needs for TP (None at TP 1)."""
     layers, mpu = None, None
     tp = cfg.parallel.tensor_parallel
+    # Weights come from the model's own seeded generator; seeding the global RNG as well keeps
+    # anything a library draws at construction (megatron-core's CPU initialisation) identical
+    # on every rank and run.
+    torch.manual_seed(cfg.train.seed)
     if tp > 1:
         from parallel.tensor_parallel import MegatronMpu, TensorParallelLayers, initialize_groups
         initialize_groups(tp)

@@ -8,12 +8,12 @@
 #       this bash part starts the deepspeed launcher on this file (or, with --dry-run, prints
 #       the layout, the memory plan and the DeepSpeed config without starting anything).
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+self="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 if [[ " $* " == *" --dry-run "* ]]; then
-  exec python "$here/llada_8b.sh" "$@"
+  exec python "$self" "$@"
 fi
 exec deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} ${MASTER_PORT:+--master_port "$MASTER_PORT"} \
-  "$here/llada_8b.sh" "$@"
+  "$self" "$@"
 ":"""
 import pathlib
 import sys

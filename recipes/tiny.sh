@@ -7,8 +7,8 @@
 #   bash recipes/tiny.sh [section.field=value ...]
 #       starts that launcher command itself.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-exec deepspeed --num_gpus 2 ${MASTER_PORT:+--master_port "$MASTER_PORT"} "$here/tiny.sh" "$@"
+self="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+exec deepspeed --num_gpus 2 ${MASTER_PORT:+--master_port "$MASTER_PORT"} "$self" "$@"
 ":"""
 import pathlib
 import sys

@@ -270,3 +270,22 @@ def test_unmasked_tokens_are_kept_and_masked_become_mask_id():
     nb = forward_process(ids, MASK_ID, t=torch.tensor([0.3]), masked=masked)
     assert nb.noisy.tolist() == [[0, MASK_ID, 2, MASK_ID, MASK_ID]]
     assert nb.p_mask.tolist() == pytest.approx([0.999 * 0.3 + 0.001])
+
+
+def test_training_noise_is_keyed_on_the_global_row():
+    """t and masks depend on (seed, step, row of the global batch) only: tensor-parallel peers
+    (same call) agree, replicas (other rows) differ, and any split of the batch over ranks or
+    micro-steps gives each row the same noise."""
+    from pretrain.train import draw_noise
+
+    batch = torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(0))
+    whole = draw_noise(batch, 63, seed=5, step=3, first_row=0)
+    peer = draw_noise(batch, 63, seed=5, step=3, first_row=0)
+    assert torch.equal(whole.masked, peer.masked) and torch.equal(whole.p_mask, peer.p_mask)
+    second_half = draw_noise(batch[2:], 63, seed=5, step=3, first_row=2)
+    assert torch.equal(second_half.masked, whole.masked[2:])
+    assert torch.equal(second_half.p_mask, whole.p_mask[2:])
+    other_replica = draw_noise(batch[:2], 63, seed=5, step=3, first_row=2)
+    assert not torch.equal(other_replica.masked, whole.masked[:2])
+    next_step = draw_noise(batch, 63, seed=5, step=4, first_row=0)
+    assert not torch.equal(next_step.p_mask, whole.p_mask)
