@@ -20,8 +20,9 @@ def chunked_token_cross_entropy(
         hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None, *,
         logits_fn: Callable[[torch.Tensor], torch.Tensor],
         ce_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        chunk_tokens: int) -> torch.Tensor:
-    """hidden [b, l, d], targets [b, l] -> fp32 cross-entropy [b, l], zero outside `loss_mask`.
+        chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [b, l, d], targets [b, l] -> (fp32 cross-entropy [b, l], zero outside `loss_mask`;
+    the largest logit computed, a detached scalar: -inf when no position was scored).
 
     logits_fn maps hidden rows [n, d] to (possibly vocabulary-sharded) logits; ce_fn maps
     logits and targets [n] to fp32 per-row cross-entropy. chunk_tokens <= 0: one chunk.
@@ -34,8 +35,12 @@ def chunked_token_cross_entropy(
         rows = loss_mask.reshape(b * l).nonzero().squeeze(1)
         flat_hidden, flat_targets = flat_hidden[rows], flat_targets[rows]
 
+    maxima = []  # recorded in the forward pass (a recomputation in backward appends again)
+
     def chunk_ce(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return ce_fn(logits_fn(h), t).float()
+        logits = logits_fn(h)
+        maxima.append(logits.detach().max().float())
+        return ce_fn(logits, t).float()
 
     n = flat_hidden.shape[0]
     step = chunk_tokens if 0 < chunk_tokens < n else max(n, 1)
@@ -47,7 +52,9 @@ def chunked_token_cross_entropy(
         else:
             pieces.append(chunk_ce(h, t))
     ce = torch.cat(pieces) if pieces else flat_hidden.new_zeros(0, dtype=torch.float32)
+    max_logit = (torch.stack(maxima).max() if maxima
+                 else torch.tensor(float("-inf"), device=hidden.device))
     if rows is None:
-        return ce.view(b, l)
+        return ce.view(b, l), max_logit
     out = torch.zeros(b * l, dtype=torch.float32, device=hidden.device)
-    return out.index_put((rows,), ce).view(b, l)
+    return out.index_put((rows,), ce).view(b, l), max_logit

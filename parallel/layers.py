@@ -74,10 +74,11 @@ class DenseHead(Linear):
     def forward(self, x, targets=None, loss_mask=None):
         if targets is None:
             return super().forward(x)
-        return chunked_token_cross_entropy(
+        ce, self.max_logit = chunked_token_cross_entropy(
             x, targets, loss_mask, logits_fn=super().forward,
             ce_fn=lambda logits, t: F.cross_entropy(logits.float(), t, reduction="none"),
             chunk_tokens=self.chunk_tokens)
+        return ce
 
 
 class DenseLayers:

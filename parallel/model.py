@@ -152,7 +152,8 @@ class LLaDAModel(nn.Module):
     `targets` are given (through the chunked, possibly vocabulary-parallel head).
 
     init_seed: weights drawn from a generator with this seed (the same weights at every
-    tensor-parallel size); None leaves them to be loaded. activation_checkpointing: "none",
+    tensor-parallel size); None leaves them to be loaded. After a forward with targets,
+    `max_logit` holds the largest logit scored (this rank's vocabulary shard under TP). activation_checkpointing: "none",
     "full" (keep only each block's input) or "selective" (keep matmul and attention outputs,
     recompute norms, RoPE and activations). loss_chunk_tokens: positions per head chunk
     (0: all at once).
@@ -201,12 +202,15 @@ class LLaDAModel(nn.Module):
             logits_fn = functools.partial(F.linear, weight=t.wte.weight)
             if targets is None:
                 return logits_fn(x).float()
-            return chunked_token_cross_entropy(
+            ce, self.max_logit = chunked_token_cross_entropy(
                 x, targets, loss_mask, logits_fn=logits_fn, chunk_tokens=0,
                 ce_fn=lambda logits, y: F.cross_entropy(logits.float(), y, reduction="none"))
+            return ce
         if targets is None:
             return self.layers.gather_vocab(t.ff_out(x)).float()
-        return t.ff_out(x, targets=targets, loss_mask=loss_mask)
+        ce = t.ff_out(x, targets=targets, loss_mask=loss_mask)
+        self.max_logit = t.ff_out.max_logit
+        return ce
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

@@ -118,6 +118,13 @@ def concatenate_shards(shard: torch.Tensor, partition_dim: int) -> torch.Tensor:
     return torch.cat(pieces, dim=partition_dim)
 
 
+def shard_of(whole: torch.Tensor, partition_dim: int) -> torch.Tensor:
+    """This rank's slice of a whole weight (the inverse of `concatenate_shards`)."""
+    parallel_state, _, _ = _megatron()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    return whole.chunk(size, dim=partition_dim)[parallel_state.get_tensor_model_parallel_rank()]
+
+
 class _GatherVocabShards(torch.autograd.Function):
     """All-gather the last dimension across the TP group; the gradient keeps this rank's slice."""
 
@@ -162,10 +169,11 @@ def _layer_classes():
         def forward(self, x, targets=None, loss_mask=None):
             if targets is None:
                 return super().forward(x)
-            return chunked_token_cross_entropy(
+            ce, self.max_logit = chunked_token_cross_entropy(
                 x, targets, loss_mask, logits_fn=super().forward,
                 ce_fn=lambda logits, t: tp.vocab_parallel_cross_entropy(logits.float(), t),
                 chunk_tokens=self.chunk_tokens)
+            return ce
 
     return ColumnParallelLinear, RowParallelLinear, tp.VocabParallelEmbedding, VocabParallelHead
 

@@ -1,27 +1,37 @@
-"""Checkpoints that are complete or absent.
+"""Checkpoints that are complete or absent, and resuming from them.
 
 DeepSpeed writes its sharded model and optimizer states under a temporary tag; every rank
-adds its own state (`rank_XXXXX.json`: the data stream's position); rank 0 adds the whole
-weights as `model.safetensors` (what sampling and export read), the resolved config and the
-tokenizer, then, once every rank has written, renames the directory to `step_XXXXXXXX` and replaces the
-`latest` file, both atomic on one file system. A crash at any point leaves `latest` naming
-the previous complete checkpoint.
+adds its own state (`rank_XXXXX.json`: the data stream's position and the RNG states); rank 0
+adds `trainer_state.json` (step, tokens, guard-rail state, layout), the whole weights as
+`model.safetensors` (what sampling, export and a weights-only restart read), the resolved
+config and the tokenizer, then, once every rank has written, renames the directory to
+`step_XXXXXXXX` and replaces the `latest` file, both atomic on one file system. A crash at any
+point leaves the previous complete checkpoint as the newest `step_*` directory. Retention keeps
+the newest `keep_last` and every `keep_every`-th step.
+
+Resuming in the same layout (tensor- and data-parallel sizes) restores everything through
+DeepSpeed; in another layout only the weights are loaded, and the run says so.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from parallel.engine import full_state_dict
+from parallel.engine import full_state_dict, import_deepspeed
+from pretrain.config import ConfigError
 
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def tag_of(step: int) -> str:
@@ -37,30 +47,123 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, root: str | Path, step: int, *, client_state: dict, rank_state: dict,
-                    config: dict, tokenizer_path: str | Path) -> Path:
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def publish(root: Path, tmp: Path, step: int) -> Path:
+    """Rank 0: make the finished temporary directory the checkpoint of `step` and point
+    `latest` at it (a re-save of the same step replaces the old one only once complete)."""
+    final = root / tag_of(step)
+    replaced = root / f".old-{tag_of(step)}"
+    if final.exists():
+        os.replace(final, replaced)
+    os.replace(tmp, final)
+    _write_atomic(root / LATEST, tag_of(step))
+    shutil.rmtree(replaced, ignore_errors=True)
+    return final
+
+
+def published_steps(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def prune(root: Path, keep_last: int, keep_every: int) -> list[int]:
+    """Delete published checkpoints other than the newest `keep_last` and every `keep_every`-th
+    step (keep_last 0: keep all); returns the deleted steps."""
+    steps = published_steps(root)
+    if keep_last <= 0:
+        return []
+    keep = set(steps[-keep_last:]) | {s for s in steps if keep_every and s % keep_every == 0}
+    deleted = [s for s in steps if s not in keep]
+    for s in deleted:
+        shutil.rmtree(root / tag_of(s), ignore_errors=True)
+    return deleted
+
+
+def save_checkpoint(engine, root: str | Path, step: int, *, trainer_state: dict, rank_state: dict,
+                    config: dict, tokenizer_path: str | Path, keep_last: int = 0,
+                    keep_every: int = 0) -> Path:
     """Save every rank's shards and state and rank 0's extras for `step`; returns the published path."""
     root = Path(root)
-    distributed = torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
+    rank = _rank()
     tmp_tag = f".tmp-{tag_of(step)}"
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
-    _write_atomic(root / tmp_tag / f"rank_{rank:05d}.json", json.dumps(rank_state))
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    _write_atomic(root / tmp_tag / f"rank_{rank:05d}.json",
+                  json.dumps({**rank_state, "rng": rng_state()}))
     weights = full_state_dict(engine.module)
-    if distributed:
-        torch.distributed.barrier()  # every rank's files are in place before rank 0 publishes
-    final = root / tag_of(step)
+    _barrier()  # every rank's files are in place before rank 0 publishes
     if rank == 0:
         tmp = root / tmp_tag
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        replaced = root / f".old-{tag_of(step)}"
-        if final.exists():  # the same step saved again: keep the old one until the new is in place
-            os.replace(final, replaced)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, tag_of(step))
-        shutil.rmtree(replaced, ignore_errors=True)
-    if distributed:
-        torch.distributed.barrier()
-    return final
+        _write_atomic(tmp / TRAINER_STATE, json.dumps({"step": step, **trainer_state}))
+        publish(root, tmp, step)
+        prune(root, keep_last, keep_every)
+    _barrier()
+    return root / tag_of(step)
+
+
+def find_resume(root: Path, resume: str) -> Path | None:
+    """`--resume auto`: the newest complete checkpoint under `root`, or None for a fresh start;
+    otherwise the checkpoint directory named (it must be complete)."""
+    if resume == "auto":
+        steps = published_steps(root)
+        return root / tag_of(steps[-1]) if steps else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {TRAINER_STATE}); "
+                                f"give a step_XXXXXXXX directory or 'auto'")
+    return path
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def read_rank_state(path: Path, rank: int) -> dict:
+    return json.loads((path / f"rank_{rank:05d}.json").read_text())
+
+
+def load_full_state(engine, path: Path) -> None:
+    """Restore model and optimizer shards (same layout only) through DeepSpeed."""
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"{path}: DeepSpeed found no checkpoint to load")
+
+
+def load_weights_only(module: torch.nn.Module, path: Path) -> None:
+    """Load `model.safetensors` (whole weights) into a model of any layout: every rank reads each
+    tensor and keeps its tensor-parallel slice; ZeRO-3 partitions are written in place."""
+    deepspeed = import_deepspeed()
+    with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
+        for name, param in module.named_parameters():
+            whole = weights.get_tensor(name)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if getattr(param, "tensor_model_parallel", False):
+                    from parallel.tensor_parallel import shard_of
+                    whole = shard_of(whole, param.partition_dim)
+                with torch.no_grad():
+                    param.copy_(whole.to(param.dtype))

@@ -20,6 +20,7 @@ import yaml
 from parallel.engine_config import ParallelConfig
 from parallel.memory_plan import CHECKPOINTING
 from parallel.model_config import ModelConfig, preset
+from pretrain.guard_rails import GuardConfig
 from pretrain.schedule import ScheduleConfig
 
 
@@ -106,6 +107,8 @@ class ValidationConfig:
 class CheckpointConfig:
     every: int = 0            # 0: only at the end
     dir: str | None = None    # default: <out_dir>/checkpoints
+    keep_last: int = 3        # the newest N are kept (0: keep all) ...
+    keep_every: int = 0       # ... and every step divisible by this (0: none)
 
 
 @dataclass
@@ -136,6 +139,7 @@ class RunConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -325,6 +329,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
             out.append(f"validation.{name}: must be {'>= 0' if name == 'every' else 'positive'}")
     if cfg.checkpoint.every < 0:
         out.append("checkpoint.every: must be >= 0 (0 saves only at the end)")
+    if cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_every < 0:
+        out.append("checkpoint.keep_last / checkpoint.keep_every: must be >= 0")
+    out += cfg.guard.problems()
     if cfg.logging.every <= 0:
         out.append("logging.every: must be positive")
     s = cfg.sample

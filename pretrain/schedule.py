@@ -29,6 +29,9 @@ class ScheduleConfig:
     # sft and cosine, in optimizer steps
     total_steps: int = 0
     decay_fraction: float = 0.1
+    # Multiplies every learning rate of the schedule: the documented recovery from a loss spike
+    # or repeated non-finite steps is to resume the last good checkpoint with e.g. 0.5.
+    lr_scale: float = 1.0
 
     KINDS = ("llada_pretrain", "sft", "cosine", "constant")
 
@@ -49,10 +52,17 @@ class ScheduleConfig:
                        f"optimizer steps (> 0), got {self.total_steps}")
         if not 0 <= self.decay_fraction <= 1:
             out.append("schedule.decay_fraction: must lie in [0, 1]")
+        if self.lr_scale <= 0:
+            out.append(f"schedule.lr_scale: must be positive, got {self.lr_scale}")
         return out
 
 
 def lr_at(cfg: ScheduleConfig, step: int, tokens: float) -> float:
+    """The learning rate of 0-based optimizer step `step` after `tokens` tokens."""
+    return cfg.lr_scale * _schedule_lr(cfg, step, tokens)
+
+
+def _schedule_lr(cfg: ScheduleConfig, step: int, tokens: float) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.peak_lr * (step + 1) / cfg.warmup_steps
     if cfg.kind == "constant":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 from data_pipeline.seeding import keyed_generator
 from parallel import engine as ds
@@ -29,12 +29,15 @@ from parallel.memory_plan import parameter_count
 from parallel.model import LLaDAModel, no_weight_decay
 from parallel.rendezvous import RendezvousError
 from parallel.topology import coordinates
-from pretrain.checkpoint import save_checkpoint
+from pretrain.checkpoint import (find_resume, load_full_state, load_weights_only, read_rank_state,
+                                 read_trainer_state, save_checkpoint, set_rng_state)
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data_setup import build_training_data
-from pretrain.layout import (deepspeed_config_text, engine_config, launch_report, memory_estimate,
+from pretrain.guard_rails import GuardRails, HangWatchdog
+from pretrain.layout import (Layout, deepspeed_config_text, engine_config, launch_report, memory_estimate,
                              resolve_layout)
 from pretrain.metrics import MetricsLogger
+from pretrain.preemption import PreemptionFlag
 from pretrain.objectives import (NoisedBatch, ar_loss_from_ce, draw_mask, draw_t, forward_process,
                                  next_token_targets, p_mask_of, pretrain_loss_from_ce)
 from pretrain.sampling import generate, generate_autoregressive, strip_at_eos
@@ -50,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the layout, the memory plan and the DeepSpeed config, then exit "
                              "(0 if the plan fits memory.gpu_memory_gib, 1 if not)")
+    parser.add_argument("--resume", default=None, metavar="auto|DIR",
+                        help="continue from the newest complete checkpoint ('auto'; a fresh start "
+                             "when there is none) or from a step_XXXXXXXX directory")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to plan a --dry-run for (default: $WORLD_SIZE, else 1)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -86,6 +92,13 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
 
 
 def draw_noise(batch: torch.Tensor, mask_id: int, seed: int, step: int, first_row: int) -> NoisedBatch:
@@ -156,16 +169,55 @@ def dry_run(cfg: RunConfig, world_size: int) -> int:
     return 0 if estimate.fits(int(cfg.memory.gpu_memory_gib * 2**30)) else 1
 
 
-def run(cfg: RunConfig) -> None:
+class TrainingHalted(RuntimeError):
+    """The guard rails stopped the run; the message names the last good checkpoint and the fix."""
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'section.field: old -> new' for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += config_changes(old, new, f"{prefix}{key}.")
+        elif old != new and not (isinstance(old, (list, tuple)) and list(old) == list(new or [])):
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out
+
+
+def resume_point(root: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from, as rank 0 sees it (every rank checks the argument, so a bad
+    one fails everywhere instead of leaving ranks waiting)."""
+    if not resume:
+        return None
+    choice = [str(find_resume(root, resume) or "")]
+    torch.distributed.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def run(cfg: RunConfig, resume: str | None = None) -> None:
     quiet_libraries()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = resolve_layout(cfg, world_size)  # before any process group or allocation
     ds.init_distributed(cfg.parallel.rendezvous_timeout_s)
     rank = torch.distributed.get_rank()
+    Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+    preemption = PreemptionFlag()
+    watchdog = HangWatchdog(cfg.guard.hang_timeout_s, rank).start()
+    try:
+        train(cfg, layout, rank, preemption, watchdog, resume)
+    finally:
+        watchdog.stop()
+        preemption.close()
+
+
+def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
+          watchdog: HangWatchdog, resume: str | None) -> None:
+    world_size = layout.world_size
     grid = coordinates(rank, world_size, cfg.parallel.tensor_parallel)
     dp_rank, dp_size = grid.dp_rank, grid.dp_size
     out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     data = build_training_data(cfg, out_dir, rank=rank, dp_rank=dp_rank, dp_size=dp_size,
@@ -184,14 +236,42 @@ def run(cfg: RunConfig) -> None:
                            f"has {dp_size}: the engine was built without the right mpu")
     grad_accum = layout.grad_accum
     micro = cfg.train.micro_batch_size
+    guard = GuardRails(cfg.guard)
+    this_layout = {"tensor_parallel": layout.tensor_parallel, "data_parallel": layout.data_parallel}
 
-    log = MetricsLogger(out_dir, total_steps=cfg.train.steps, enabled=rank == 0,
+    start_step, tokens_seen = 0, 0.0
+    last_good = resume_point(ckpt_root, resume)
+    resume_notes = []
+    if last_good is not None:
+        state = read_trainer_state(last_good)
+        saved_cfg = yaml.safe_load((last_good / "config.yaml").read_text())
+        resume_notes = [f"resume override {change}" for change in config_changes(saved_cfg, cfg.to_dict())]
+        if state["layout"] == this_layout:
+            load_full_state(engine, last_good)
+            rank_state = read_rank_state(last_good, rank)
+            data.loader.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"])
+        else:
+            load_weights_only(engine.module, last_good)
+            resume_notes.append(f"layout changed from {state['layout']} to {this_layout}: loaded the "
+                                f"weights only; the optimizer state was dropped and the data stream "
+                                f"starts afresh")
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        guard.load_state_dict(state["guard"])
+
+    log = MetricsLogger(out_dir, total_steps=cfg.train.steps, start_step=start_step, enabled=rank == 0,
                         jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                         progress_bar=cfg.logging.progress_bar)
     log.print(f"model {parameter_count(cfg.model) / 1e6:.2f}M params | tokenizer {tok.vocab_size} | "
               f"data {data.description} | {layout.describe()} | engine DP {engine.dp_world_size}")
+    if last_good is not None:
+        for note in resume_notes:
+            log.print(note)
+        log.log(start_step, {"resumed_from": str(last_good), "resume_notes": resume_notes})
+        log.print(f"resumed from {last_good}: steps {start_step + 1}..{cfg.train.steps} to run")
 
     def validate(step: int) -> dict:
+        watchdog.beat(step, "validation")
         engine.module.eval()
         result = heldout_metrics(engine, data.validation_batches, objective=cfg.train.objective,
                                  mask_id=mask_id, t_buckets=cfg.validation.t_buckets,
@@ -201,57 +281,77 @@ def run(cfg: RunConfig) -> None:
         log.print(f"step {step}: held-out loss {result['val/loss']:.4f}")
         return result
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> Path:
+        watchdog.beat(step, "checkpoint save")
         start = time.time()
-        path = save_checkpoint(engine, cfg.checkpoint.dir or out_dir / "checkpoints", step,
-                               client_state={"step": step, "tokens_seen": tokens_seen},
-                               rank_state={"data": data.loader.state_dict()},
-                               config=cfg.to_dict(), tokenizer_path=tok.path)
+        path = save_checkpoint(
+            engine, ckpt_root, step, config=cfg.to_dict(), tokenizer_path=tok.path,
+            trainer_state={"tokens_seen": tokens_seen, "guard": guard.state_dict(), "layout": this_layout},
+            rank_state={"data": data.loader.state_dict()},
+            keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every)
         log.log(step, {"checkpoint/seconds": time.time() - start})
-        log.print(f"step {step}: saved {path}")
+        log.print(f"step {step}: saved {path} in {time.time() - start:.1f} s")
+        return path
 
-    tokens_seen = 0.0
-    skipped = 0
-    first_val = validate(0) if cfg.validation.every else None
+    first_val = validate(start_step) if cfg.validation.every and start_step == 0 else None
     last_val = first_val
-    for step in range(cfg.train.steps):
+    saved_step = start_step if last_good is not None else None
+    steps_run = 0
+    for step in range(start_step, cfg.train.steps):
+        done = step + 1
         lr = lr_at(cfg.schedule, step, tokens_seen)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         start = time.time()
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, max_logit = 0.0, 0, float("-inf")
         for micro_step in range(grad_accum):
+            watchdog.beat(done, f"micro-batch {micro_step} forward/backward")
             batch = next(data.loader).tokens.to(device)
             first_row = (micro_step * dp_size + dp_rank) * micro
             loss = micro_batch_loss(engine, cfg, batch, mask_id, step, first_row)
+            if done in cfg.guard.inject_nan_at_steps:
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()
             tokens += batch.numel()
-        loss_sum, tokens = all_reduce_sum([loss_sum, tokens])
+            max_logit = max(max_logit, float(engine.module.max_logit))
+        watchdog.beat(done, "all-reduce of the step metrics")
+        loss_sum, tokens, preempted = all_reduce_sum([loss_sum, tokens, preemption.raised])
+        max_logit = all_reduce_max(max_logit)
         step_loss = loss_sum / (grad_accum * dp_size)
         tokens_seen += tokens
+        steps_run += 1
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            skipped += 1
+        verdict = guard.observe(done, step_loss, grad_norm, str(last_good) if last_good else None)
         elapsed = time.time() - start
-        done = step + 1
         log.advance(step_loss, tokens / elapsed)
+        record = {"loss": step_loss, "grad_norm": grad_norm, "max_logit": max_logit,
+                  "skipped_steps": guard.skipped_total}
         if done % cfg.logging.every == 0 or done == cfg.train.steps:
-            log.log(done, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                           "tokens_per_s": tokens / elapsed, "skipped_steps": skipped,
-                           **source_metrics(data.loader.counters())})
+            record.update(lr=lr, tokens=tokens_seen, tokens_per_s=tokens / elapsed,
+                          **source_metrics(data.loader.counters()))
+        log.log(done, record)
+        if verdict.halt:
+            log.print(verdict.halt)
+            raise TrainingHalted(verdict.halt)
         if cfg.validation.every and (done % cfg.validation.every == 0 or done == cfg.train.steps):
             last_val = validate(done)
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.train.steps:
-            checkpoint(done)
-    checkpoint(cfg.train.steps)
+        if preempted or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
+            last_good, saved_step = checkpoint(done), done
+        if preempted:
+            log.print(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved step "
+                      f"{done}; continue with --resume auto")
+            break
+    log.print(f"ran {steps_run} steps ({start_step + 1}..{start_step + steps_run})")
 
-    sample_ids = closing_sample(engine.module, cfg, tok, device)
-    text = cfg.sample.prompt + tok.decode(sample_ids)
-    log.log(cfg.train.steps, {"sample/ids": sample_ids, "sample/text": text})
-    log.print(f"sample (prompt {cfg.sample.prompt!r}):\n{text}")
+    if saved_step == cfg.train.steps:
+        watchdog.beat(cfg.train.steps, "closing sample")
+        sample_ids = closing_sample(engine.module, cfg, tok, device)
+        text = cfg.sample.prompt + tok.decode(sample_ids)
+        log.log(cfg.train.steps, {"sample/ids": sample_ids, "sample/text": text})
+        log.print(f"sample (prompt {cfg.sample.prompt!r}):\n{text}")
     if first_val and last_val:
         log.print(f"held-out loss {first_val['val/loss']:.4f} -> {last_val['val/loss']:.4f}")
     data.loader.close()
@@ -264,13 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
         if args.dry_run:
             return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
-        run(cfg)
+        run(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except RendezvousError as e:
         print(f"launch error: {e}", file=sys.stderr)
         return 3
+    except TrainingHalted:
+        return 4  # the message is printed and logged
     return 0
 
 

@@ -57,10 +57,12 @@ def test_heldout_loss_falls_clearly(run_dir):
 
 
 def test_training_metrics_are_logged(run_dir):
-    train = [r for r in records(run_dir) if "loss" in r]
+    steps = [r for r in records(run_dir) if "loss" in r]  # every step: loss, grad norm, max logit
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    assert all(r["skipped_steps"] == 0 and r["grad_norm"] > 0 and r["max_logit"] > 0 for r in steps)
+    train = [r for r in steps if "lr" in r]  # and every logging.every steps, the rest
     assert [r["data/train/tokens"] for r in train] == [r["tokens"] for r in train]
     assert [r["step"] for r in train] == list(range(5, STEPS + 1, 5))
-    assert all(r["skipped_steps"] == 0 and r["grad_norm"] > 0 for r in train)
     tokens = [r["tokens"] for r in train]
     assert tokens == sorted(tokens) and tokens[-1] <= STEPS * 16 * 64
     assert train[0]["lr"] > 0 and train[-1]["lr"] < train[2]["lr"]  # stepped down / decayed
