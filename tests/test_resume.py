@@ -4,6 +4,7 @@ Real training runs of the tiny model (fp32, CPU; 2 gloo ranks under torchrun whe
 on data prepared once for the module:
 - kill -9 of a 2-rank run at a random step, then `--resume auto`: the first resumed step is the
   checkpoint's step + 1 and every loss from there equals the uninterrupted run's bit for bit;
+  the same for a tensor-parallel (TP=2) run;
 - a perturbed optimizer shard changes the resumed losses (optimizer state is really restored);
 - a crash inside the save, after the shards are written and before publishing: the next resume
   uses the previous complete checkpoint;
@@ -250,3 +251,17 @@ def test_retention_keeps_the_last_n_and_every_mth(tmp_path):
     assert ckpt.prune(tmp_path, keep_last=2, keep_every=4) == [2, 6]
     assert ckpt.published_steps(tmp_path) == [4, 8, 10, 12]
     assert (tmp_path / ".tmp-step_00000014").is_dir()
+
+
+def test_tensor_parallel_run_resumes_bit_for_bit(tmp_path, subprocess_env, data_args):
+    """TP=2 under ZeRO-3 (each rank's megatron shard and ZeRO partition) with full checkpointing
+    and a chunked head: 6 steps, then resumed to 9, equal an uninterrupted 9-step run."""
+    tp = ["parallel.tensor_parallel=2", "train.micro_batch_size=8", "memory.activation_checkpointing=full",
+          "memory.loss_chunk_tokens=100", *data_args]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    train_run(subprocess_env, 2, resumed, "train.steps=6", *tp)
+    train_run(subprocess_env, 2, resumed, "train.steps=9", *tp, "--resume", "auto")
+    train_run(subprocess_env, 2, straight, "train.steps=9", *tp)
+    after = losses_after_last_resume(resumed)
+    assert sorted(after) == [7, 8, 9]
+    assert after == {s: losses_after_last_resume(straight)[s] for s in after}
