@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from parallel.cross_entropy import chunked_token_cross_entropy
-
-InitFn = Callable[[tuple[int, int]], torch.Tensor]  # shape -> the whole weight, drawn in fp32
+from parallel.layers import InitFn
 
 
 def _megatron():

@@ -41,7 +41,8 @@ def heldout_metrics(token_ce: TokenCrossEntropy, batches: list[torch.Tensor],
         total = 0.0
         for i, batch in enumerate(batches):
             t_rows = torch.full((batch.shape[0],), t, device=batch.device)
-            masked = draw_mask(p_mask_of(t_rows), batch.shape[1], keyed_generator(seed, "val", i, k, device=batch.device))
+            masked = draw_mask(p_mask_of(t_rows), batch.shape[1],
+                               keyed_generator(seed, "val", i, k, device=batch.device))
             nb = forward_process(batch, mask_id, t=t_rows, masked=masked)
             total += pretrain_loss_from_ce(token_ce(nb.noisy, batch, nb.masked), nb).item()
         out[f"val/loss_t{t:.2f}"] = total / len(batches)
