@@ -58,3 +58,23 @@ def chunked_token_cross_entropy(
         return ce.view(b, l), max_logit
     out = torch.zeros(b * l, dtype=torch.float32, device=hidden.device)
     return out.index_put((rows,), ce).view(b, l), max_logit
+
+
+class ChunkedLossHead:
+    """Mixin for an LM-head linear layer: `forward(x)` gives its logits; `forward(x, targets,
+    loss_mask)` gives the per-token cross-entropy through `chunked_token_cross_entropy` with
+    the layer's `cross_entropy` (plain or vocabulary-parallel) and records `max_logit`."""
+
+    chunk_tokens: int
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x, targets=None, loss_mask=None):
+        if targets is None:
+            return super().forward(x)
+        ce, self.max_logit = chunked_token_cross_entropy(
+            x, targets, loss_mask, logits_fn=super().forward, ce_fn=self.cross_entropy,
+            chunk_tokens=self.chunk_tokens)
+        return ce

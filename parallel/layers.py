@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.cross_entropy import chunked_token_cross_entropy
+from parallel.cross_entropy import ChunkedLossHead
 
 InitFn = Callable[[tuple[int, int]], torch.Tensor]  # shape -> the whole weight, drawn in fp32
 
@@ -64,21 +64,16 @@ class Embedding(nn.Embedding):
         _fill(self.weight, init)
 
 
-class DenseHead(Linear):
+class DenseHead(ChunkedLossHead, Linear):
     """The unsharded LM head: logits, or per-token cross-entropy computed in chunks."""
 
     def __init__(self, d_model: int, vocab_size: int, init: InitFn | None, chunk_tokens: int):
         super().__init__(d_model, vocab_size, init)
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, x, targets=None, loss_mask=None):
-        if targets is None:
-            return super().forward(x)
-        ce, self.max_logit = chunked_token_cross_entropy(
-            x, targets, loss_mask, logits_fn=super().forward,
-            ce_fn=lambda logits, t: F.cross_entropy(logits.float(), t, reduction="none"),
-            chunk_tokens=self.chunk_tokens)
-        return ce
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 class DenseLayers:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from parallel.cross_entropy import chunked_token_cross_entropy
+from parallel.cross_entropy import ChunkedLossHead
 from parallel.layers import InitFn
 
 
@@ -128,16 +128,14 @@ class _GatherVocabShards(torch.autograd.Function):
     """All-gather the last dimension across the TP group; the gradient keeps this rank's slice."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        size = torch.distributed.get_world_size(group)
-        ctx.rank, ctx.width = torch.distributed.get_rank(group), local.shape[-1]
-        pieces = [torch.empty_like(local) for _ in range(size)]
-        torch.distributed.all_gather(pieces, local.contiguous(), group=group)
-        return torch.cat(pieces, dim=-1)
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        parallel_state, _, _ = _megatron()
+        ctx.rank, ctx.width = parallel_state.get_tensor_model_parallel_rank(), local.shape[-1]
+        return concatenate_shards(local, local.dim() - 1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad[..., ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width].contiguous(), None
+        return grad[..., ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width].contiguous()
 
 
 def _layer_classes():
@@ -157,7 +155,7 @@ def _layer_classes():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x)[0]
 
-    class VocabParallelHead(ColumnParallelLinear):
+    class VocabParallelHead(ChunkedLossHead, ColumnParallelLinear):
         """The LM head: vocabulary-sharded logits, or per-token cross-entropy computed in
         chunks by megatron's vocab-parallel cross-entropy (no rank ever holds all logits)."""
 
@@ -165,14 +163,9 @@ def _layer_classes():
             super().__init__(*args, **kwargs)
             self.chunk_tokens = chunk_tokens
 
-        def forward(self, x, targets=None, loss_mask=None):
-            if targets is None:
-                return super().forward(x)
-            ce, self.max_logit = chunked_token_cross_entropy(
-                x, targets, loss_mask, logits_fn=super().forward,
-                ce_fn=lambda logits, t: tp.vocab_parallel_cross_entropy(logits.float(), t),
-                chunk_tokens=self.chunk_tokens)
-            return ce
+        @staticmethod
+        def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return tp.vocab_parallel_cross_entropy(logits.float(), targets)
 
     return ColumnParallelLinear, RowParallelLinear, tp.VocabParallelEmbedding, VocabParallelHead
 
@@ -187,7 +180,6 @@ class TensorParallelLayers:
                                f"{parallel_state.get_tensor_model_parallel_world_size()}, model "
                                f"asks for {tensor_parallel}; call initialize_groups first")
         self.tp_size = tensor_parallel
-        self.group = parallel_state.get_tensor_model_parallel_group()
         self.config = ModelParallelConfig(
             tensor_model_parallel_size=tensor_parallel, use_cpu_initialization=True,
             perform_initialization=True, params_dtype=torch.float32,
@@ -215,4 +207,4 @@ class TensorParallelLayers:
 
     def gather_vocab(self, local_logits: torch.Tensor) -> torch.Tensor:
         """Whole-vocabulary logits from this rank's shard (for sampling and evaluation)."""
-        return _GatherVocabShards.apply(local_logits, self.group)
+        return _GatherVocabShards.apply(local_logits)

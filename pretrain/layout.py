@@ -65,6 +65,11 @@ def memory_estimate(cfg: RunConfig, layout: Layout, *, bf16: bool) -> MemoryEsti
         reduce_bucket_size=p.reduce_bucket_size, hpz_partition_size=p.hpz_partition_size)
 
 
+def gpu_budget_bytes(cfg: RunConfig) -> int:
+    """The device memory the plan must fit (`memory.gpu_memory_gib`)."""
+    return int(cfg.memory.gpu_memory_gib * GiB)
+
+
 def launch_report(cfg: RunConfig, layout: Layout, estimate: MemoryEstimate) -> str:
     """What every launch prints: the layout and the memory plan against the device budget."""
     return "\n".join([
@@ -72,7 +77,7 @@ def launch_report(cfg: RunConfig, layout: Layout, estimate: MemoryEstimate) -> s
         f"memory plan per GPU (activation checkpointing {cfg.memory.activation_checkpointing}, "
         f"loss chunk {cfg.memory.loss_chunk_tokens or 'whole micro-batch'}, "
         f"seq {cfg.data.seq_len}):",
-        estimate.table(int(cfg.memory.gpu_memory_gib * GiB)),
+        estimate.table(gpu_budget_bytes(cfg)),
     ])
 
 

@@ -34,8 +34,8 @@ from pretrain.checkpoint import (find_resume, load_full_state, load_weights_only
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data_setup import build_training_data
 from pretrain.guard_rails import GuardRails, HangWatchdog
-from pretrain.layout import (Layout, deepspeed_config_text, engine_config, launch_report, memory_estimate,
-                             resolve_layout)
+from pretrain.layout import (Layout, deepspeed_config_text, engine_config, gpu_budget_bytes,
+                             launch_report, memory_estimate, resolve_layout)
 from pretrain.metrics import MetricsLogger
 from pretrain.preemption import PreemptionFlag
 from pretrain.objectives import (NoisedBatch, ar_loss_from_ce, draw_mask, draw_t, forward_process,
@@ -81,24 +81,17 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 def source_metrics(counters: dict[str, dict[str, int]]) -> dict[str, float]:
     """Per-source tokens summed over data-parallel ranks, and each source's epoch on this rank."""
     names = sorted(counters)
-    totals = all_reduce_sum([counters[n]["tokens"] for n in names])
+    totals = all_reduce([counters[n]["tokens"] for n in names])
     out = {f"data/{n}/tokens": t for n, t in zip(names, totals)}
     out.update({f"data/{n}/epoch": counters[n]["epoch"] for n in names})
     return out
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
+def all_reduce(values: list[float], op=torch.distributed.ReduceOp.SUM) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
+        torch.distributed.all_reduce(t, op=op)
     return t.tolist()
-
-
-def all_reduce_max(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item()
 
 
 def draw_noise(batch: torch.Tensor, mask_id: int, seed: int, step: int, first_row: int) -> NoisedBatch:
@@ -166,7 +159,7 @@ def dry_run(cfg: RunConfig, world_size: int) -> int:
     estimate = memory_estimate(cfg, layout, bf16=ds.use_bf16(cfg.train.precision))
     print(launch_report(cfg, layout, estimate))
     print("deepspeed config:\n" + deepspeed_config_text(ds_config))
-    return 0 if estimate.fits(int(cfg.memory.gpu_memory_gib * 2**30)) else 1
+    return 0 if estimate.fits(gpu_budget_bytes(cfg)) else 1
 
 
 class TrainingHalted(RuntimeError):
@@ -289,8 +282,9 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
             trainer_state={"tokens_seen": tokens_seen, "guard": guard.state_dict(), "layout": this_layout},
             rank_state={"data": data.loader.state_dict()},
             keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every)
-        log.log(step, {"checkpoint/seconds": time.time() - start})
-        log.print(f"step {step}: saved {path} in {time.time() - start:.1f} s")
+        seconds = time.time() - start
+        log.log(step, {"checkpoint/seconds": seconds})
+        log.print(f"step {step}: saved {path} in {seconds:.1f} s")
         return path
 
     first_val = validate(start_step) if cfg.validation.every and start_step == 0 else None
@@ -303,7 +297,7 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         start = time.time()
-        loss_sum, tokens, max_logit = 0.0, 0, float("-inf")
+        losses, max_logits, tokens = [], [], 0  # device tensors: one host sync per step
         for micro_step in range(grad_accum):
             watchdog.beat(done, f"micro-batch {micro_step} forward/backward")
             batch = next(data.loader).tokens.to(device)
@@ -313,12 +307,13 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
                 loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.item()
+            losses.append(loss.detach())
             tokens += batch.numel()
-            max_logit = max(max_logit, float(engine.module.max_logit))
+            max_logits.append(engine.module.max_logit)
         watchdog.beat(done, "all-reduce of the step metrics")
-        loss_sum, tokens, preempted = all_reduce_sum([loss_sum, tokens, preemption.raised])
-        max_logit = all_reduce_max(max_logit)
+        loss_sum = torch.stack(losses).double().sum().item()
+        loss_sum, tokens, preempted = all_reduce([loss_sum, tokens, preemption.raised])
+        [max_logit] = all_reduce([torch.stack(max_logits).max().item()], op=torch.distributed.ReduceOp.MAX)
         step_loss = loss_sum / (grad_accum * dp_size)
         tokens_seen += tokens
         steps_run += 1
