@@ -32,6 +32,12 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def differences(self, other: "ModelConfig", ignore: tuple[str, ...] = ()) -> list[str]:
+        """'field: mine vs other' for every field that differs (those in `ignore` aside)."""
+        return [f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
+                for f in dataclasses.fields(self)
+                if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]
+
     def problems(self) -> list[str]:
         """Every inconsistency, as 'field: what is wrong; the fix' lines (empty when valid)."""
         out = []

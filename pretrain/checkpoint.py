@@ -10,11 +10,13 @@ point leaves the previous complete checkpoint as the newest `step_*` directory. 
 the newest `keep_last` and every `keep_every`-th step.
 
 Resuming in the same layout (tensor- and data-parallel sizes) restores everything through
-DeepSpeed; in another layout only the weights are loaded, and the run says so.
+DeepSpeed; in another layout only the weights are loaded, and the run says so. A new run can
+start from the weights of a checkpoint or of an imported release (`train.init_from`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,11 +25,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from parallel.engine import full_state_dict, import_deepspeed
+from parallel.model_config import ModelConfig
 from pretrain.config import ConfigError
+from pretrain.hf_format import FormatError, expected_tensors, tensor_problems
+from pretrain.safetensors_stream import read_header, read_tensor
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -154,16 +158,47 @@ def load_full_state(engine, path: Path) -> None:
         raise RuntimeError(f"{path}: DeepSpeed found no checkpoint to load")
 
 
+def weights_checkpoint(path: str | os.PathLike) -> Path:
+    """A directory holding whole weights and their model config: a published step, an imported
+    release (`pretrain.import_hf`), or a checkpoints root (its newest step)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file() and (path / "config.yaml").is_file():
+        return path
+    steps = published_steps(path)
+    if steps:
+        return path / tag_of(steps[-1])
+    raise FileNotFoundError(f"{path}: not a checkpoint (no model.safetensors and config.yaml) and no "
+                            f"step_XXXXXXXX directory under it")
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """The model section of a checkpoint's config.yaml."""
+    section = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("model") or {}
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise FormatError(f"{path / 'config.yaml'}: unknown model field(s) {', '.join(unknown)}")
+    return ModelConfig(**section)
+
+
 def load_weights_only(module: torch.nn.Module, path: Path) -> None:
-    """Load `model.safetensors` (whole weights) into a model of any layout: every rank reads each
-    tensor and keeps its tensor-parallel slice; ZeRO-3 partitions are written in place."""
+    """Load `model.safetensors` (whole weights) into a model of any layout, before
+    `deepspeed.initialize` (the optimizer's master copies are made from the module then): every
+    rank reads each tensor and keeps its tensor-parallel slice; a ZeRO-3 parameter is gathered,
+    written and re-partitioned. Names and shapes are checked against the model first, and every
+    mismatch is listed."""
     deepspeed = import_deepspeed()
-    with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
-        for name, param in module.named_parameters():
-            whole = weights.get_tensor(name)
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if getattr(param, "tensor_model_parallel", False):
-                    from parallel.tensor_parallel import shard_of
-                    whole = shard_of(whole, param.partition_dim)
-                with torch.no_grad():
-                    param.copy_(whole.to(param.dtype))
+    entries = read_header(path / "model.safetensors")
+    problems = tensor_problems({n: e.shape for n, e in entries.items()}, expected_tensors(module.config))
+    if problems:
+        raise FormatError(f"{path / 'model.safetensors'} does not fit the model being trained:\n  "
+                          + "\n  ".join(problems))
+    for name, param in module.named_parameters():
+        whole = read_tensor(entries[name])
+        # every rank reads the same tensor; the partitions are refreshed from the group's first
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if getattr(param, "tensor_model_parallel", False):
+                from parallel.tensor_parallel import shard_of
+                whole = shard_of(whole, param.partition_dim)
+            with torch.no_grad():
+                param.copy_(whole.to(param.dtype))

@@ -80,6 +80,9 @@ class TrainConfig:
     precision: str = "auto"
     attention_backend: str = "auto"
     out_dir: str = "runs/tiny"
+    # Start from these weights instead of the seeded init: a checkpoint step directory or a
+    # `pretrain.import_hf` output. Step count, optimizer and data start afresh; a resume wins.
+    init_from: str | None = None
 
 
 @dataclass
@@ -283,6 +286,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         out.append(f"data.source: {d.source!r} is not 'stdlib', 'files' or 'shards'")
     if d.source == "files" and not d.paths:
         out.append("data.paths: data.source is 'files' but no paths are given")
+    if check_paths and t.init_from and not Path(t.init_from, "model.safetensors").is_file():
+        out.append(f"train.init_from: no model.safetensors in {t.init_from!r}; give a checkpoint "
+                   f"step directory or a directory written by `python -m pretrain.import_hf`")
     for p in d.paths if check_paths else ():
         if not Path(p).exists():
             out.append(f"data.paths: no such file or directory {p!r}")

@@ -29,8 +29,8 @@ from parallel.memory_plan import parameter_count
 from parallel.model import LLaDAModel, no_weight_decay
 from parallel.rendezvous import RendezvousError
 from parallel.topology import coordinates
-from pretrain.checkpoint import (find_resume, load_full_state, load_weights_only, read_rank_state,
-                                 read_trainer_state, save_checkpoint, set_rng_state)
+from pretrain.checkpoint import (find_resume, load_full_state, load_weights_only, read_model_config,
+                                 read_rank_state, read_trainer_state, save_checkpoint, set_rng_state)
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data_setup import build_training_data
 from pretrain.guard_rails import GuardRails, HangWatchdog
@@ -188,6 +188,21 @@ def resume_point(root: Path, resume: str | None) -> Path | None:
     return Path(choice[0]) if choice[0] else None
 
 
+# Fields a run may change from the weights it starts from: context length and init settings.
+_INIT_FROM_MAY_CHANGE = ("max_sequence_length", "init_fn", "init_cutoff_factor")
+
+
+def initialise_from(module: torch.nn.Module, cfg: RunConfig) -> str:
+    """Load `train.init_from`'s weights into this rank's part of the model; returns the log line."""
+    source = Path(cfg.train.init_from)
+    differences = read_model_config(source).differences(cfg.model, ignore=_INIT_FROM_MAY_CHANGE)
+    if differences:
+        raise ConfigError(f"train.init_from: {source} holds another model (its config.yaml vs this "
+                          f"run):\n  model." + "\n  model.".join(differences))
+    load_weights_only(module, source)
+    return f"initialised from the weights in {source}"
+
+
 def run(cfg: RunConfig, resume: str | None = None) -> None:
     quiet_libraries()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -222,33 +237,40 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
     if rank == 0:
         print(launch_report(cfg, layout, memory_estimate(cfg, layout, bf16=bf16)), flush=True)
         (out_dir / "deepspeed_config.json").write_text(deepspeed_config_text(ds_config))
+    this_layout = {"tensor_parallel": layout.tensor_parallel, "data_parallel": layout.data_parallel}
+    guard = GuardRails(cfg.guard)
+    start_step, tokens_seen = 0, 0.0
+    last_good = resume_point(ckpt_root, resume)
+    state = read_trainer_state(last_good) if last_good is not None else None
+    same_layout = state is not None and state["layout"] == this_layout
+
     model, mpu = build_model(cfg, ds_config)
+    # Weights are loaded before the engine exists: DeepSpeed's optimizer copies the module's
+    # weights into its own (fp32, partitioned) master copies at initialisation, and a later
+    # write to the module would be overwritten by the first step.
+    resume_notes = []
+    if state is not None and not same_layout:
+        load_weights_only(model, last_good)
+        resume_notes.append(f"layout changed from {state['layout']} to {this_layout}: loaded the "
+                            f"weights only; the optimizer state was dropped and the data stream "
+                            f"starts afresh")
+    elif state is None and cfg.train.init_from:
+        resume_notes.append(initialise_from(model, cfg))
     engine = ds.initialize(model, build_optimizer(model, cfg), ds_config, mpu=mpu)
     if engine.dp_world_size != dp_size:
         raise RuntimeError(f"DeepSpeed sees data-parallel size {engine.dp_world_size}, the layout "
                            f"has {dp_size}: the engine was built without the right mpu")
     grad_accum = layout.grad_accum
     micro = cfg.train.micro_batch_size
-    guard = GuardRails(cfg.guard)
-    this_layout = {"tensor_parallel": layout.tensor_parallel, "data_parallel": layout.data_parallel}
 
-    start_step, tokens_seen = 0, 0.0
-    last_good = resume_point(ckpt_root, resume)
-    resume_notes = []
-    if last_good is not None:
-        state = read_trainer_state(last_good)
+    if state is not None:
         saved_cfg = yaml.safe_load((last_good / "config.yaml").read_text())
-        resume_notes = [f"resume override {change}" for change in config_changes(saved_cfg, cfg.to_dict())]
-        if state["layout"] == this_layout:
+        resume_notes[:0] = [f"resume override {change}" for change in config_changes(saved_cfg, cfg.to_dict())]
+        if same_layout:
             load_full_state(engine, last_good)
             rank_state = read_rank_state(last_good, rank)
             data.loader.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
-        else:
-            load_weights_only(engine.module, last_good)
-            resume_notes.append(f"layout changed from {state['layout']} to {this_layout}: loaded the "
-                                f"weights only; the optimizer state was dropped and the data stream "
-                                f"starts afresh")
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         guard.load_state_dict(state["guard"])
 
@@ -257,11 +279,13 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
                         progress_bar=cfg.logging.progress_bar)
     log.print(f"model {parameter_count(cfg.model) / 1e6:.2f}M params | tokenizer {tok.vocab_size} | "
               f"data {data.description} | {layout.describe()} | engine DP {engine.dp_world_size}")
+    for note in resume_notes:
+        log.print(note)
     if last_good is not None:
-        for note in resume_notes:
-            log.print(note)
         log.log(start_step, {"resumed_from": str(last_good), "resume_notes": resume_notes})
         log.print(f"resumed from {last_good}: steps {start_step + 1}..{cfg.train.steps} to run")
+    elif cfg.train.init_from:
+        log.log(start_step, {"initialised_from": cfg.train.init_from})
 
     def validate(step: int) -> dict:
         watchdog.beat(step, "validation")

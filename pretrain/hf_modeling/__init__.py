@@ -1,0 +1,1 @@
+"""The stand-alone Hugging Face modeling code copied beside every export."""

@@ -1,0 +1,234 @@
+"""The LLaDA masked diffusion transformer as a Hugging Face model, for `trust_remote_code` loading.
+
+Copied beside every exported checkpoint, so it imports only `torch`, `transformers` and the
+standard library, and nothing of the training stack. It computes what the training model
+(`parallel/model.py`) computes, with the same parameter names: a Llama-style stack with
+bidirectional attention, RMSNorm in fp32 cast back before the weight, SwiGLU, NeoX half-split
+RoPE in fp32, grouped-query attention and no biases. On top it takes an `attention_mask` for
+left-padded batched inference (padding keys are hidden and each row's RoPE positions start at
+its first real token) and supports transformers' gradient checkpointing. It returns logits
+only: the masked diffusion loss and sampling live in the training stack. Works with
+transformers 4.46 through 5.x.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_llada import LLaDAConfig
+
+# Architecture fields of the released config and the values this code implements.
+_SUPPORTED = {
+    "alibi": (False,),
+    "rope": (True,),
+    "block_type": ("llama",),
+    "activation_type": ("silu", "swiglu"),
+    "layer_norm_type": ("rms",),
+    "layer_norm_with_affine": (True,),
+    "bias_for_layer_norm": (False, None),
+    "include_bias": (False,),
+    "include_qkv_bias": (False,),
+    "scale_logits": (False,),
+    "attention_layer_norm": (False,),
+    "input_emb_norm": (False,),
+    "multi_query_attention": (False, None),
+    "block_group_size": (1,),
+}
+
+
+def _check_supported(config: LLaDAConfig) -> None:
+    for field, supported in _SUPPORTED.items():
+        value = getattr(config, field)
+        if value not in supported:
+            raise ValueError(f"LLaDAConfig.{field}={value!r} is not implemented by this modeling "
+                             f"code; supported: {' or '.join(repr(s) for s in supported)}")
+    n_kv_heads = _n_kv_heads(config)
+    if config.d_model % config.n_heads or config.n_heads % n_kv_heads:
+        raise ValueError(f"n_heads {config.n_heads} must divide d_model {config.d_model}, and "
+                         f"n_kv_heads {n_kv_heads} must divide n_heads")
+
+
+def _n_kv_heads(config: LLaDAConfig) -> int:
+    return config.n_heads if config.n_kv_heads is None else config.n_kv_heads
+
+
+class LLaDARMSNorm(nn.Module):
+    """Normalise in fp32, cast back to the input dtype, then multiply by the weight."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """positions: [b or 1, s] -> fp32 cos, sin of shape [b or 1, s, 1, head_dim] (NeoX layout:
+    dimension i and i + head_dim/2 share an angle)."""
+    inv_freq = 1.0 / (theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
+    return angles.cos(), angles.sin()
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [b, s, heads, head_dim], rotated in fp32 and returned in x's dtype."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat((-second, first), dim=-1) * sin).to(x.dtype)
+
+
+class LLaDABlock(nn.Module):
+    """Pre-norm bidirectional attention and SwiGLU MLP, each with a residual."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        d, ffn = config.d_model, config.mlp_hidden_size or config.mlp_ratio * config.d_model
+        self.n_heads, self.n_kv_heads = config.n_heads, _n_kv_heads(config)
+        self.head_dim = d // config.n_heads
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.attn_norm = LLaDARMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv_dim, bias=False)
+        self.v_proj = nn.Linear(d, kv_dim, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = LLaDARMSNorm(d, config.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, ffn, bias=False)  # the SiLU gate
+        self.up_proj = nn.Linear(d, ffn, bias=False)
+        self.ff_out = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x, cos, sin, key_mask):
+        """key_mask: None (every key is real) or bool [b, 1, 1, s], True at real keys."""
+        b, s, _ = x.shape
+        h = self.attn_norm(x)
+        q = _apply_rope(self.q_proj(h).view(b, s, self.n_heads, self.head_dim), cos, sin)
+        k = _apply_rope(self.k_proj(h).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(h).view(b, s, self.n_kv_heads, self.head_dim)
+        # KV head j serves query heads j*g .. j*g+g-1 (repeat_interleave semantics).
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask,
+            is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads)
+        x = x + self.attn_out(a.transpose(1, 2).reshape(b, s, -1))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class LLaDAModel(nn.Module):
+    """Embeddings, blocks and final norm (plus the untied head, which the released checkpoints
+    keep under `transformer.ff_out`): input embeddings -> final hidden states."""
+
+    gradient_checkpointing = False  # set by transformers' gradient_checkpointing_enable
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.config = config
+        rows, d = config.embedding_size or config.vocab_size, config.d_model
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(rows, d),
+            blocks=nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
+            ln_f=LLaDARMSNorm(d, config.rms_norm_eps),
+        ))
+        if not config.weight_tying:
+            self.transformer["ff_out"] = nn.Linear(d, rows, bias=False)
+
+    def forward(self, x, attention_mask, output_hidden_states):
+        """x: [b, s, d] embeddings -> (ln_f output, the embeddings and every block's output
+        when output_hidden_states, else None)."""
+        b, s, _ = x.shape
+        key_mask, positions = None, torch.arange(s, device=x.device)[None]
+        if attention_mask is not None:
+            if attention_mask.shape != (b, s):
+                raise ValueError(f"attention_mask must be 2-D [batch, seq] = [{b}, {s}] with 1 at "
+                                 f"real tokens, got shape {tuple(attention_mask.shape)}")
+            real = attention_mask.to(x.device).bool()
+            empty = (~real.any(-1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"attention_mask row(s) {empty} have no real token")
+            if not real.all():
+                key_mask = real[:, None, None, :]
+                positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        cos, sin = _rope_cos_sin(positions, self.config.d_model // self.config.n_heads,
+                                 self.config.rope_theta)
+        hidden = (x,) if output_hidden_states else None
+        for block in self.transformer.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(block.__call__, x, cos, sin, key_mask)
+            else:
+                x = block(x, cos, sin, key_mask)
+            if output_hidden_states:
+                hidden += (x,)
+        return self.transformer.ln_f(x), hidden
+
+
+class LLaDAModelLM(PreTrainedModel):
+    """Token ids (or embeddings) -> fp32 logits over the vocabulary, bidirectionally: the
+    masked diffusion denoiser. No KV cache (every step recomputes the whole sequence) and no
+    loss (the masked diffusion loss belongs to the training stack)."""
+
+    config_class = LLaDAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LLaDABlock"]
+    _supports_sdpa = True
+
+    def __init__(self, config: LLaDAConfig):
+        _check_supported(config)
+        super().__init__(config)
+        self.model = LLaDAModel(config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        # Through `nn.init` so that transformers 5 can skip weights already loaded.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        elif isinstance(module, LLaDARMSNorm):
+            nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self):
+        return self.model.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.model.transformer["wte"] = value
+
+    def get_output_embeddings(self):
+        return None if self.config.weight_tying else self.model.transformer.ff_out
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+                output_hidden_states=None, return_dict=None, use_cache=None,
+                past_key_values=None, labels=None, **kwargs):
+        """input_ids [b, s] (or inputs_embeds [b, s, d]); attention_mask [b, s], 1 at real
+        tokens and 0 at (left) padding. Returns CausalLMOutputWithPast with fp32 logits
+        [b, s, rows] and, when asked, hidden_states: the embeddings and each block's output
+        (before the final norm). `use_cache` is accepted and ignored."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if past_key_values is not None:
+            raise ValueError("LLaDA has no KV cache: attention is bidirectional, so every "
+                             "denoising step recomputes the whole sequence; pass "
+                             "past_key_values=None")
+        if labels is not None:
+            raise ValueError("labels are not supported: the masked diffusion loss (CE over "
+                             "masked tokens / p_mask) is computed by the training stack from "
+                             "these logits, not here")
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+        if unsupported:
+            raise ValueError(f"LLaDAModelLM.forward does not support: {', '.join(unsupported)}")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+
+        t = self.model.transformer
+        x = t.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        x, hidden = self.model(x, attention_mask, output_hidden_states)
+        logits = (F.linear(x, t.wte.weight) if self.config.weight_tying else t.ff_out(x)).float()
+        if not return_dict:
+            return (logits, hidden) if output_hidden_states else (logits,)
+        return CausalLMOutputWithPast(logits=logits, hidden_states=hidden)

@@ -1,0 +1,305 @@
+"""The stand-alone Hugging Face modeling code against the training model.
+
+`pretrain/hf_modeling/` is what a user of an exported checkpoint runs, and nothing in the
+training stack runs it, so its mistakes would show only after export: here it loads the training
+model's state dict by name (strict), must give the same logits in fp32 and bf16, must make a
+left-padded batch give each row what the row gives alone, must really recompute blocks under
+transformers' gradient checkpointing, must refuse what it does not implement, and its config
+must read and write every field of the released LLaDA-8B config.json.
+"""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+from parallel.model import LLaDAModel
+from parallel.model_config import ModelConfig
+from pretrain.hf_modeling.configuration_llada import LLaDAConfig
+from pretrain.hf_modeling.modeling_llada import LLaDAModelLM
+
+# Grouped-query (2 query heads per KV head) and a non-default theta, so a hard-coded one shows.
+SHAPE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
+             vocab_size=128, max_sequence_length=64, rope_theta=10000.0)
+
+# The released GSAI-ML/LLaDA-8B config.json, less auto_map/architectures/transformers_version.
+RELEASED_8B = {
+    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "attention_dropout": 0.0,
+    "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": 4096,
+    "embedding_dropout": 0.0, "embedding_size": 126464, "eos_token_id": 126081,
+    "flash_attention": False, "include_bias": False, "include_qkv_bias": False,
+    "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02,
+    "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
+    "mask_token_id": 126336, "max_sequence_length": 4096, "mlp_hidden_size": 12288,
+    "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None, "n_heads": 32,
+    "n_kv_heads": 32, "n_layers": 32, "pad_token_id": 126081, "precision": "amp_bf16",
+    "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
+    "rope_theta": 500000.0, "scale_logits": False, "use_cache": False, "vocab_size": 126464,
+    "weight_tying": False,
+}
+
+
+def _hf_config(weight_tying: bool = False, **overrides) -> LLaDAConfig:
+    fields = dict(SHAPE, embedding_size=SHAPE["vocab_size"], rms_norm_eps=1e-5,
+                  weight_tying=weight_tying,
+                  # in-vocabulary special ids (transformers 5 warns about others)
+                  pad_token_id=0, eos_token_id=1, mask_token_id=SHAPE["vocab_size"] - 1)
+    fields.update(overrides)
+    return LLaDAConfig(**fields)
+
+
+def _pair(weight_tying: bool = False, seed: int = 0):
+    """The training model (norm weights randomised: ones would hide a misplaced weight
+    multiply) and the HF model holding its state dict, both in eval mode."""
+    ref = LLaDAModel(ModelConfig(**SHAPE, weight_tying=weight_tying), init_seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    hf = LLaDAModelLM(_hf_config(weight_tying)).eval()
+    assert sorted(hf.state_dict()) == sorted(ref.state_dict())
+    result = hf.load_state_dict(ref.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return ref, hf
+
+
+def _ids(b, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SHAPE["vocab_size"], (b, s), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# a. Same logits as the training model
+# ---------------------------------------------------------------------------------------------
+def test_parameter_names_are_the_released_ones():
+    _, hf = _pair()
+    names = set(hf.state_dict())
+    P = "model.transformer."
+    assert {P + "wte.weight", P + "ln_f.weight", P + "ff_out.weight"} <= names
+    for part in ("attn_norm", "ff_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_proj",
+                 "up_proj", "ff_out"):
+        assert f"{P}blocks.1.{part}.weight" in names
+    assert hf.state_dict()[P + "blocks.0.k_proj.weight"].shape == (2 * 16, 64)  # kv heads x hd
+    assert hf.state_dict()[P + "blocks.0.ff_proj.weight"].shape == (96, 64)
+
+
+def test_fp32_logits_equal_the_training_model():
+    ref, hf = _pair()
+    ids = _ids(3, 20)
+    with torch.no_grad():
+        want, got = ref(ids), hf(ids).logits
+    assert got.dtype == torch.float32 and got.shape == (3, 20, SHAPE["vocab_size"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_logits_agree_with_the_training_model_in_bf16():
+    """Bound: 4 bf16 units in the last place (2^-8 relative each) of the largest fp32 logit,
+    1.6% of the logit scale (0.068 here), room for two bf16 implementations rounding in
+    different kernels. Measured on CPU, where both run the same ops: 0.0. For scale, bf16
+    itself is 0.082 (1.9%) off the fp32 logits, and one q_proj weight moved by 4 init stds
+    moves the bf16 logits by 1.03: the negative control must fail the bound (by 4x)."""
+    ref, hf = _pair()
+    ids = _ids(4, 32, seed=1)
+    with torch.no_grad():
+        bound = 2 ** -6 * ref(ids).abs().max().item()
+        ref16, hf16 = ref.to(torch.bfloat16), copy.deepcopy(hf).to(torch.bfloat16)
+        want = ref16(ids)
+        out = hf16(ids, output_hidden_states=True)
+        assert all(h.dtype == torch.bfloat16 for h in out.hidden_states)  # bf16 matmuls throughout
+        assert (out.logits - want).abs().max().item() <= bound
+
+        hf.model.transformer.blocks[0].q_proj.weight[0, 0] += 4 * 64 ** -0.5
+        perturbed = hf.to(torch.bfloat16)(ids).logits
+        assert (perturbed - want).abs().max().item() > 4 * bound
+
+
+def test_inputs_embeds_hidden_states_and_tuple_output():
+    _, hf = _pair()
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        out = hf(ids, output_hidden_states=True)
+        from_embeds = hf(inputs_embeds=hf.get_input_embeddings()(ids)).logits
+        as_tuple = hf(ids, output_hidden_states=True, return_dict=False)
+    torch.testing.assert_close(from_embeds, out.logits, atol=0, rtol=0)
+    assert len(out.hidden_states) == SHAPE["n_layers"] + 1  # embeddings + every block
+    torch.testing.assert_close(out.hidden_states[0], hf.get_input_embeddings()(ids))
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+    torch.testing.assert_close(as_tuple[0], out.logits, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# b. Left-padded batches
+# ---------------------------------------------------------------------------------------------
+def test_left_padded_rows_equal_each_row_alone():
+    _, hf = _pair()
+    lengths, s, pad = [12, 7, 3], 12, 5
+    rows = [_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    ids = torch.full((len(rows), s), pad)
+    mask = torch.zeros(len(rows), s, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, s - len(row):] = row
+        mask[i, s - len(row):] = 1
+    with torch.no_grad():
+        padded = hf(ids, attention_mask=mask).logits
+        as_bool = hf(ids, attention_mask=mask.bool()).logits
+        unmasked = hf(ids).logits
+        for i, row in enumerate(rows):
+            alone = hf(row[None]).logits[0]
+            torch.testing.assert_close(padded[i, s - len(row):], alone, atol=1e-5, rtol=1e-5)
+            if len(row) < s:  # negative control: without the mask padding leaks in
+                assert (unmasked[i, s - len(row):] - alone).abs().max() > 1e-2
+    torch.testing.assert_close(as_bool, padded, atol=0, rtol=0)
+    assert torch.isfinite(padded).all()  # padding queries: garbage, but finite
+
+
+def test_all_ones_mask_is_the_unmasked_path():
+    _, hf = _pair()
+    ids = _ids(2, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids, attention_mask=torch.ones_like(ids)).logits,
+                                   hf(ids).logits, atol=0, rtol=0)
+
+
+def test_bad_attention_masks_are_refused():
+    _, hf = _pair()
+    ids = _ids(2, 6)
+    with pytest.raises(ValueError, match=r"2-D \[batch, seq\]"):
+        hf(ids, attention_mask=torch.ones(2, 1, 1, 6))
+    with pytest.raises(ValueError, match=r"2-D"):
+        hf(ids, attention_mask=torch.ones(2, 5))
+    empty = torch.ones(2, 6, dtype=torch.long)
+    empty[1] = 0
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] have no real token"):
+        hf(ids, attention_mask=empty)
+
+
+# ---------------------------------------------------------------------------------------------
+# c. Gradient checkpointing through transformers' own switch
+# ---------------------------------------------------------------------------------------------
+def _block_calls(hf, fn):
+    """fn()'s result and how many times the blocks' forward started during it (a pre-hook:
+    torch's non-reentrant recomputation stops early, before forward hooks would fire)."""
+    calls = []
+    hooks = [b.register_forward_pre_hook(lambda *_: calls.append(1))
+             for b in hf.model.transformer.blocks]
+    try:
+        return fn(), len(calls)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _step(hf, ids, targets):
+    """One training step: loss and parameter gradients."""
+    hf.zero_grad()
+    logits = hf(ids).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in hf.named_parameters()}
+
+
+@pytest.mark.parametrize("switch", ["gradient_checkpointing_enable",
+                                    "activation_checkpointing_enable"])
+def test_gradient_checkpointing_recomputes_and_keeps_gradients(switch):
+    if not hasattr(LLaDAModelLM, switch):
+        pytest.skip(f"{switch} is not in this transformers version")
+    _, hf = _pair()
+    hf.train()
+    ids, targets = _ids(2, 12, seed=3), _ids(2, 12, seed=4)
+    n_layers = SHAPE["n_layers"]
+    (loss, grads), calls = _block_calls(hf, lambda: _step(hf, ids, targets))
+    assert calls == n_layers
+    with warnings.catch_warnings():
+        # transformers 5 deprecates gradient_checkpointing_enable in favour of the other
+        warnings.simplefilter("ignore", FutureWarning)
+        getattr(hf, switch)()
+    assert hf.model.gradient_checkpointing
+    (ck_loss, ck_grads), ck_calls = _block_calls(hf, lambda: _step(hf, ids, targets))
+    assert ck_calls == 2 * n_layers  # every block ran again in the backward
+    torch.testing.assert_close(ck_loss, loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ck_grads[name], grad, atol=1e-6, rtol=1e-6)
+    hf.eval()
+    with torch.no_grad():
+        assert _block_calls(hf, lambda: hf(ids))[1] == n_layers  # only training recomputes
+
+
+# ---------------------------------------------------------------------------------------------
+# d. Tied embeddings
+# ---------------------------------------------------------------------------------------------
+def test_weight_tying_uses_the_embedding_as_head():
+    ref, hf = _pair(weight_tying=True)
+    assert "model.transformer.ff_out.weight" not in dict(hf.named_parameters())
+    assert hf.get_output_embeddings() is None and hf.config.tie_word_embeddings
+    ids = _ids(2, 11, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref(ids), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# e. What the model refuses
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value, supported", [
+    ("alibi", True, "False"), ("rope", False, "True"), ("block_type", "sequential", "'llama'"),
+    ("activation_type", "gelu", "'silu' or 'swiglu'"), ("layer_norm_type", "default", "'rms'"),
+    ("include_bias", True, "False"), ("include_qkv_bias", True, "False"),
+    ("scale_logits", True, "False"), ("attention_layer_norm", True, "False"),
+    ("input_emb_norm", True, "False"), ("multi_query_attention", True, "False"),
+])
+def test_unimplemented_architecture_fields_are_refused(field, value, supported):
+    with pytest.raises(ValueError, match=rf"{field}={value!r} .*supported: {supported}"):
+        LLaDAModelLM(_hf_config(**{field: value}))
+
+
+def test_labels_cache_and_unknown_arguments_are_refused():
+    _, hf = _pair()
+    ids = _ids(1, 4)
+    with pytest.raises(ValueError, match="training stack"):
+        hf(ids, labels=ids)
+    with pytest.raises(ValueError, match="no KV cache"):
+        hf(ids, past_key_values=())
+    with pytest.raises(ValueError, match="exactly one"):
+        hf(ids, inputs_embeds=hf.get_input_embeddings()(ids))
+    with pytest.raises(ValueError, match="position_ids"):
+        hf(ids, position_ids=torch.arange(4)[None])
+    with torch.no_grad():
+        hf(ids, use_cache=False, output_attentions=False)  # what generic callers pass: fine
+
+
+# ---------------------------------------------------------------------------------------------
+# f. Config round trip and save/load of the model
+# ---------------------------------------------------------------------------------------------
+def test_released_config_round_trips(tmp_path):
+    fields = {k: v for k, v in RELEASED_8B.items() if k != "model_type"}
+    defaults = LLaDAConfig()
+    assert {k: getattr(defaults, k) for k in fields} == fields  # class defaults are the 8B
+    LLaDAConfig(**fields).save_pretrained(tmp_path)
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    assert {k: on_disk[k] for k in RELEASED_8B} == RELEASED_8B  # the released code can read it
+    loaded = LLaDAConfig.from_pretrained(tmp_path)
+    assert {k: getattr(loaded, k) for k in fields} == fields
+    assert loaded.tie_word_embeddings is False
+    assert (loaded.num_hidden_layers, loaded.hidden_size, loaded.num_attention_heads,
+            loaded.num_key_value_heads) == (32, 4096, 32, 32)
+    assert LLaDAConfig(weight_tying=True).tie_word_embeddings is True
+
+
+def test_save_and_from_pretrained_keep_the_weights(tmp_path):
+    _, hf = _pair()
+    hf.save_pretrained(tmp_path)
+    loaded = LLaDAModelLM.from_pretrained(tmp_path).eval()
+    ids = _ids(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, hf(ids).logits, atol=0, rtol=0)
+
+
+def test_fresh_model_initialisation():
+    hf = LLaDAModelLM(_hf_config(init_std=0.05))
+    t = hf.model.transformer
+    assert torch.equal(t.ln_f.weight, torch.ones(SHAPE["d_model"]))
+    assert abs(t.wte.weight.std().item() - 0.05) < 0.005
+    assert abs(t.blocks[0].ff_proj.weight.std().item() - 0.05) < 0.005
