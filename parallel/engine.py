@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from typing import NoReturn
 
 import torch
 
@@ -62,13 +64,27 @@ def init_distributed(rendezvous_timeout_s: float = 300.0) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def exit_together(code: int = 0) -> NoReturn:
+    """End a launched process once every rank is done: a barrier, the process group destroyed,
+    output flushed, then `os._exit`. A normal interpreter exit after a DeepSpeed engine on gloo
+    now and then aborts in C++ teardown ("terminate called without an active exception", exit
+    -6) after all the work was done; skipping that teardown keeps a finished run's exit code 0."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def use_bf16(precision: str) -> bool:
     """'auto' is bf16 on GPU and fp32 on CPU."""
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, mpu=None):
-    """Wrap model and optimizer in a DeepSpeed engine; returns the engine.
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, config: dict, mpu=None):
+    """Wrap model and optimizer in a DeepSpeed engine; returns the engine. Without an optimizer
+    the engine serves inference (under ZeRO-3 it still gathers each layer's parameters).
 
     mpu: the model-parallel adapter (`parallel.tensor_parallel.MegatronMpu`) whenever TP > 1;
     without it DeepSpeed treats tensor-parallel peers as data-parallel replicas.

@@ -1,13 +1,16 @@
 """The LLaDA transformer: one model module for the MDM and its autoregressive baseline.
 
-A Llama-3-style stack with bidirectional attention and no attention mask, RMSNorm computed
-in fp32 and cast back before the weight multiplies, SwiGLU, NeoX half-split RoPE in fp32, an
-untied LM head, no biases and no timestep input. Parameters carry the released checkpoints'
-names (`model.transformer.blocks.{i}.q_proj.weight`, ...), so checkpoints, export and import
-never rename. Layers come from a factory (`parallel.layers`), so the same module runs dense in
-one process or tensor-parallel; the module itself makes no parallelism decisions. Given
-targets it returns per-token cross-entropy through the head (chunked, vocabulary-parallel under
-TP) instead of logits, and it applies the configured activation checkpointing.
+A Llama-3-style stack with bidirectional attention, RMSNorm computed in fp32 and cast back
+before the weight multiplies, SwiGLU, NeoX half-split RoPE in fp32, an untied LM head, no
+biases and no timestep input. Pretraining and SFT use no attention mask; an optional one exists
+for batched inference over left-padded prompts (padding keys are hidden and each row's RoPE
+positions start at its first real token, as in the exported Hugging Face code). Parameters
+carry the released checkpoints' names (`model.transformer.blocks.{i}.q_proj.weight`, ...), so
+checkpoints, export and import never rename. Layers come from a factory (`parallel.layers`),
+so the same module runs dense in one process or tensor-parallel; the module itself makes no
+parallelism decisions. Given targets it returns per-token cross-entropy through the head
+(chunked, vocabulary-parallel under TP) instead of logits, and it applies the configured
+activation checkpointing.
 """
 
 from __future__ import annotations
@@ -49,19 +52,29 @@ class RotaryEmbedding:
         self.theta = theta
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def _angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [...] -> fp32 angles [..., head_dim] (dims i and i + head_dim/2 share one)."""
+        inv_freq = 1.0 / (self.theta ** (torch.arange(
+            0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim))
+        freqs = positions.float()[..., None] * inv_freq
+        return torch.cat((freqs, freqs), dim=-1)
+
     def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0..seq_len-1, cached: cos, sin of shape [1, s, 1, head_dim]."""
         key = (seq_len, str(device))
         if key not in self._cache:
-            inv_freq = 1.0 / (self.theta ** (
-                torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim))
-            freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-            angles = torch.cat((freqs, freqs), dim=-1)  # [s, head_dim]
-            self._cache[key] = (angles.cos()[None, :, None, :], angles.sin()[None, :, None, :])
+            angles = self._angles(torch.arange(seq_len, device=device))[None, :, None, :]
+            self._cache[key] = (angles.cos(), angles.sin())
         return self._cache[key]
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [b, s, h, head_dim]; returns x rotated, in x's dtype."""
-        cos, sin = self.cos_sin(x.shape[1], x.device)
+    def apply(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [b, s, h, head_dim]; positions: None (0..s-1) or per-row [b, s]. Returns x
+        rotated, in x's dtype."""
+        if positions is None:
+            cos, sin = self.cos_sin(x.shape[1], x.device)
+        else:
+            angles = self._angles(positions)[:, :, None, :]
+            cos, sin = angles.cos(), angles.sin()
         x32 = x.float()
         first, second = x32.chunk(2, dim=-1)
         rotated_half = torch.cat((-second, first), dim=-1)
@@ -96,14 +109,18 @@ class LLaDABlock(nn.Module):
         self.up_proj = layers.column(d, ffn, draw(d))
         self.ff_out = layers.row(ffn, d, draw(ffn, depth_scaled=True))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """key_mask: None or bool [b, s], True at real keys; positions: None (0..s-1) or the
+        per-row RoPE positions [b, s]."""
         b, s, _ = x.shape
         hd = self.config.head_dim
         h = self.attn_norm(x)
-        q = self.rope.apply(self.q_proj(h).view(b, s, self.local_heads, hd))
-        k = self.rope.apply(self.k_proj(h).view(b, s, self.local_kv_heads, hd))
+        q = self.rope.apply(self.q_proj(h).view(b, s, self.local_heads, hd), positions)
+        k = self.rope.apply(self.k_proj(h).view(b, s, self.local_kv_heads, hd), positions)
         v = self.v_proj(h).view(b, s, self.local_kv_heads, hd)
-        a = attention(q, k, v, causal=self.config.causal, backend=self.attention_backend)
+        a = attention(q, k, v, causal=self.config.causal, backend=self.attention_backend,
+                      key_mask=key_mask)
         x = x + self.attn_out(a.reshape(b, s, self.local_heads * hd))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -150,6 +167,8 @@ _EXPENSIVE_OPS = {
 class LLaDAModel(nn.Module):
     """Token ids [b, s] -> fp32 logits [b, s, vocab], or per-token cross-entropy [b, s] when
     `targets` are given (through the chunked, possibly vocabulary-parallel head).
+    `attention_mask` (None or [b, s], 1 at real tokens) is for batched inference over padded
+    rows: each row's real tokens then compute what they compute alone.
 
     init_seed: weights drawn from a generator with this seed (the same weights at every
     tensor-parallel size); None leaves them to be loaded. After a forward with targets,
@@ -183,20 +202,24 @@ class LLaDAModel(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer.blocks
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, block: nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None,
+                   positions: torch.Tensor | None) -> torch.Tensor:
         if self.activation_checkpointing == "none" or not torch.is_grad_enabled():
-            return block(x)
+            return block(x, key_mask, positions)
         if self.activation_checkpointing == "full":
-            return checkpoint(block, x, use_reentrant=False)
-        return checkpoint(block, x, use_reentrant=False, context_fn=functools.partial(
-            create_selective_checkpoint_contexts, _save_matmuls_and_attention))
+            return checkpoint(block, x, key_mask, positions, use_reentrant=False)
+        return checkpoint(block, x, key_mask, positions, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts,
+                                                       _save_matmuls_and_attention))
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+                loss_mask: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         t = self.model.transformer
+        key_mask, positions = _padding(attention_mask, input_ids)
         x = t.wte(input_ids)
         for block in t.blocks:
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, key_mask, positions)
         x = t.ln_f(x)
         if self.config.weight_tying:
             logits_fn = functools.partial(F.linear, weight=t.wte.weight)
@@ -211,6 +234,23 @@ class LLaDAModel(nn.Module):
         ce = t.ff_out(x, targets=targets, loss_mask=loss_mask)
         self.max_logit = t.ff_out.max_logit
         return ce
+
+
+def _padding(attention_mask: torch.Tensor | None, input_ids: torch.Tensor):
+    """attention_mask [b, s] (1 at real tokens) -> (key_mask, RoPE positions), both [b, s];
+    (None, None) when there is no padding, which leaves the unmasked computation untouched."""
+    if attention_mask is None:
+        return None, None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be [batch, seq] = {list(input_ids.shape)} with 1 "
+                         f"at real tokens, got shape {list(attention_mask.shape)}")
+    real = attention_mask.to(input_ids.device).bool()
+    empty = (~real.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask row(s) {empty} have no real token")
+    if real.all():
+        return None, None
+    return real, (real.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

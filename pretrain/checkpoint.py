@@ -31,7 +31,7 @@ from parallel.engine import full_state_dict, import_deepspeed
 from parallel.model_config import ModelConfig
 from pretrain.config import ConfigError
 from pretrain.hf_format import FormatError, expected_tensors, tensor_problems
-from pretrain.safetensors_stream import read_header, read_tensor
+from pretrain.safetensors_stream import TensorEntry, read_header, read_tensor
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -182,17 +182,20 @@ def read_model_config(path: Path) -> ModelConfig:
 
 
 def load_weights_only(module: torch.nn.Module, path: Path) -> None:
-    """Load `model.safetensors` (whole weights) into a model of any layout, before
+    """Load a checkpoint's `model.safetensors` (whole weights) into a model of any layout."""
+    load_weights(module, read_header(path / "model.safetensors"), str(path / "model.safetensors"))
+
+
+def load_weights(module: torch.nn.Module, entries: dict[str, TensorEntry], where: str) -> None:
+    """Whole tensors (`pretrain.safetensors_stream` entries) into a model of any layout, before
     `deepspeed.initialize` (the optimizer's master copies are made from the module then): every
     rank reads each tensor and keeps its tensor-parallel slice; a ZeRO-3 parameter is gathered,
     written and re-partitioned. Names and shapes are checked against the model first, and every
     mismatch is listed."""
     deepspeed = import_deepspeed()
-    entries = read_header(path / "model.safetensors")
     problems = tensor_problems({n: e.shape for n, e in entries.items()}, expected_tensors(module.config))
     if problems:
-        raise FormatError(f"{path / 'model.safetensors'} does not fit the model being trained:\n  "
-                          + "\n  ".join(problems))
+        raise FormatError(f"{where} does not fit the model being built:\n  " + "\n  ".join(problems))
     for name, param in module.named_parameters():
         whole = read_tensor(entries[name])
         # every rank reads the same tensor; the partitions are refreshed from the group's first

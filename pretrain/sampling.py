@@ -1,26 +1,93 @@
-"""The reverse process: LLaDA's sampler as the official `generate` defines it.
+"""The reverse process: LLaDA's sampler as the official `generate` (ML-GSAI/LLaDA) defines it.
 
 Starting from `gen_length` mask tokens after the prompt, `steps` denoising steps are split
 evenly over blocks of `block_length` (semi-autoregressive when block_length < gen_length).
 Within a block, step i reveals `mask_count // steps_per_block` tokens, the first
 `mask_count % steps_per_block` steps one more. Each step predicts every masked position
-(argmax, after Gumbel-max noise in float64 when temperature > 0) and keeps the k most
-confident predictions (`low_confidence`) or k random ones (`random`), never outside the
-current block. Algorithm 4 of the paper remasks each token with probability s/t; this follows
-the official code, which reveals exactly k per step.
+(argmax of exp(logits) / (-log u)^temperature in float64: Gumbel-max) and keeps the k most
+confident predictions (`low_confidence`: the float64 softmax probability of the prediction)
+or k random ones (`random`), never beyond the current block. Classifier-free guidance runs the
+prompt fully masked as the unconditional branch: un + (cfg_scale + 1)(cond - un). Algorithm 4
+of the paper remasks each token with probability s/t; this follows the official code, which
+reveals exactly k per step.
 
-`model_fn` is any callable mapping token ids [b, s] to logits [b, s, vocab], so the sampler
-serves the training model and an exported one alike.
+EOS/EoT flags, pinned to the official behaviour:
+- `logits_eos_inf`: the EOS logit is -inf before prediction (EOS is never generated).
+- `confidence_eos_eot="official"`: what the official `confidence_eos_eot_inf` flag does, a
+  known bug: only EoT's probability is zeroed in the confidence (EOS's is not).
+  `"both"`: the intended behaviour, a prediction of EOS or EoT gets confidence 0, so those are
+  revealed last. `"off"`: neither.
+
+Batched prompts are left-padded with an attention mask (1 at real tokens). Random draws come
+from an explicit generator in the official order (the Gumbel noise, then the random
+confidences), so a generator seeded s reproduces the official code after torch.manual_seed(s).
+The one draw skipped is the Gumbel noise at temperature 0 with low-confidence remasking, which
+the official code draws and then raises to the power 0: nothing random follows it, so the
+output is the same. A batch stops early once every row has revealed an EOS with nothing masked
+before it (its output, cut at the first EOS, is then final); `agree` makes that decision
+collective, so ranks running the model under ZeRO-3 / TP do the same number of forwards.
+
+`model_fn(ids, attention_mask=None)` is any callable returning logits [b, s, vocab]: the
+training model in any layout, or an exported Hugging Face model behind a wrapper.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+LogitsFn = Callable[..., torch.Tensor]
+REMASKING = ("low_confidence", "random")
+CONFIDENCE_EOS_EOT = ("off", "official", "both")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    steps: int = 128
+    gen_length: int = 128
+    block_length: int = 128
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    logits_eos_inf: bool = False
+    confidence_eos_eot: str = "off"
+    stop_at_eos: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        if min(self.steps, self.gen_length, self.block_length) <= 0:
+            out.append("steps, gen_length and block_length must be positive")
+        elif self.gen_length % self.block_length:
+            out.append(f"block_length {self.block_length} must divide gen_length {self.gen_length}")
+        elif self.steps % (self.gen_length // self.block_length):
+            out.append(f"steps {self.steps} must be a multiple of the number of blocks "
+                       f"{self.gen_length // self.block_length} (gen_length / block_length)")
+        if self.temperature < 0 or self.cfg_scale < 0:
+            out.append("temperature and cfg_scale must be >= 0")
+        if self.remasking not in REMASKING:
+            out.append(f"remasking {self.remasking!r} is not one of {', '.join(REMASKING)}")
+        if self.confidence_eos_eot not in CONFIDENCE_EOS_EOT:
+            out.append(f"confidence_eos_eot {self.confidence_eos_eot!r} is not one of "
+                       f"{', '.join(CONFIDENCE_EOS_EOT)}")
+        return out
+
+
+@dataclass
+class Sample:
+    """ids: [b, p + gen_length], the prompt and what was revealed (mask ids where an early stop
+    left positions after the first EOS); reveal_step: [b, gen_length], the step (0-based, over
+    all blocks) that revealed each generated position, -1 if none; steps_run: forwards made."""
+    ids: torch.Tensor
+    reveal_step: torch.Tensor
+    prompt_length: int
+    steps_run: int
+
+    def answers(self, eos_id: int) -> list[list[int]]:
+        """Each row's generated ids, cut at the first EOS."""
+        return [strip_at_eos(row, eos_id) for row in self.ids[:, self.prompt_length:].tolist()]
 
 
 def transfer_counts(mask_counts: torch.Tensor, steps: int) -> torch.Tensor:
@@ -33,49 +100,106 @@ def transfer_counts(mask_counts: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def gumbel_perturbed(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
-    """Gumbel-max sampling in float64: argmax of exp(logits) / (-log u)^temperature."""
-    if temperature == 0:
-        return logits
+    """exp(logits) / (-log u)^temperature in float64, u ~ U[0, 1): its argmax is a sample."""
     logits = logits.double()
     u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
     return logits.exp() / (-torch.log(u)) ** temperature
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (ids [b, longest], attention_mask [b, longest]), padded on the left."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            mask[row, longest - len(p):] = 1
+    return ids, mask
+
+
+def _predict(model_fn: LogitsFn, x: torch.Tensor, attention_mask: torch.Tensor | None,
+             prompt_index: torch.Tensor, mask_id: int, cfg_scale: float) -> torch.Tensor:
+    """Logits of the current sequence, guided by the fully masked prompt when cfg_scale > 0."""
+    if cfg_scale == 0:
+        return model_fn(x, attention_mask=attention_mask)
+    unconditional = x.masked_fill(prompt_index, mask_id)
+    both_masks = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+    logits, un_logits = model_fn(torch.cat([x, unconditional]), attention_mask=both_masks).chunk(2)
+    return un_logits + (cfg_scale + 1) * (logits - un_logits)
+
+
+def _finished(x: torch.Tensor, prompt_length: int, mask_id: int, eos_id: int) -> bool:
+    """Every row has revealed an EOS in its generated part with no mask anywhere before it."""
+    generated = x[:, prompt_length:]
+    is_eos = generated == eos_id
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), generated.shape[1])
+    before = torch.arange(x.shape[1], device=x.device)[None, :] < (prompt_length + first_eos)[:, None]
+    return bool(is_eos.any(1).all()) and not bool(((x == mask_id) & before).any())
+
+
 @torch.no_grad()
-def generate(model_fn: LogitsFn, prompt: torch.Tensor, *, mask_id: int, steps: int,
-             gen_length: int, block_length: int, temperature: float = 0.0,
-             remasking: str = "low_confidence", generator: torch.Generator | None = None
-             ) -> torch.Tensor:
-    """prompt [b, p] -> [b, p + gen_length] with every generated position revealed."""
-    if gen_length % block_length:
-        raise ValueError(f"block_length {block_length} must divide gen_length {gen_length}")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError(f"steps {steps} must be a multiple of the number of blocks {num_blocks}")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking {remasking!r} is not 'low_confidence' or 'random'")
-    steps_per_block = steps // num_blocks
+def generate(model_fn: LogitsFn, prompt: torch.Tensor, *, mask_id: int, eos_id: int, eot_id: int,
+             config: SamplerConfig, attention_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None,
+             agree: Callable[[bool], bool] = lambda done: done) -> Sample:
+    """prompt [b, p] (left-padded when `attention_mask` [b, p] is given) -> Sample.
+
+    agree: turns this process's "every row is finished" into the decision all processes that
+    share the model take (under ZeRO-3 / TP: `all_ranks_agree`)."""
+    problems = config.problems()
+    if problems:
+        raise ValueError("sampler: " + "; ".join(problems))
+    c = config
     b, p = prompt.shape
-    x = torch.full((b, p + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x = torch.full((b, p + c.gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :p] = prompt
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, c.gen_length)], dim=1)
+    prompt_index = x != mask_id
+    reveal_step = torch.full((b, c.gen_length), -1, dtype=torch.long, device=prompt.device)
+    num_blocks = c.gen_length // c.block_length
+    steps_per_block = c.steps // num_blocks
+    draws_noise = c.temperature > 0 or c.remasking == "random"
+    step = 0
     for block in range(num_blocks):
-        start, end = p + block * block_length, p + (block + 1) * block_length
-        counts = transfer_counts((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)
+        end = p + (block + 1) * c.block_length
+        counts = transfer_counts((x[:, end - c.block_length:end] == mask_id).sum(dim=1), steps_per_block)
         for i in range(steps_per_block):
-            is_masked = x == mask_id
-            logits = model_fn(x)
-            predicted = gumbel_perturbed(logits, temperature, generator).argmax(dim=-1)
-            if remasking == "low_confidence":
-                probs = F.softmax(logits.float(), dim=-1)
-                confidence = probs.gather(-1, predicted[..., None]).squeeze(-1)
+            mask_index = x == mask_id
+            logits = _predict(model_fn, x, attention_mask, prompt_index, mask_id, c.cfg_scale).double()
+            if c.logits_eos_inf:
+                logits[:, :, eos_id] = -torch.inf
+            scores = gumbel_perturbed(logits, c.temperature, generator) if draws_noise else logits
+            predicted = scores.argmax(dim=-1)
+            if c.remasking == "low_confidence":
+                if c.confidence_eos_eot != "off":
+                    zeroed = [eot_id] if c.confidence_eos_eot == "official" else [eos_id, eot_id]
+                    logits[:, :, zeroed] = -torch.inf
+                confidence = F.softmax(logits, dim=-1).gather(-1, predicted[..., None]).squeeze(-1)
             else:
                 confidence = torch.rand(predicted.shape, generator=generator, device=x.device)
             confidence[:, end:] = -torch.inf
-            confidence = torch.where(is_masked, confidence, -torch.inf)
+            predicted = torch.where(mask_index, predicted, x)
+            confidence = torch.where(mask_index, confidence, -torch.inf)
             for row in range(b):
                 chosen = torch.topk(confidence[row], k=int(counts[row, i])).indices
                 x[row, chosen] = predicted[row, chosen]
-    return x
+                newly = chosen[(chosen >= p) & mask_index[row, chosen]]
+                reveal_step[row, newly - p] = step
+            step += 1
+            if c.stop_at_eos and agree(_finished(x, p, mask_id, eos_id)):
+                return Sample(x, reveal_step, p, step)
+    return Sample(x, reveal_step, p, step)
+
+
+def all_ranks_agree(done: bool) -> bool:
+    """True once every rank of the initialised process group is done (one all-reduce)."""
+    flag = torch.tensor([0 if done else 1], dtype=torch.int64)
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag)
+    return int(flag.item()) == 0
 
 
 def strip_at_eos(ids: list[int], eos_id: int) -> list[int]:
@@ -91,5 +215,6 @@ def generate_autoregressive(model_fn: LogitsFn, prompt: torch.Tensor, *, gen_len
     x = prompt
     for _ in range(gen_length):
         logits = model_fn(x)[:, -1:]
-        x = torch.cat([x, gumbel_perturbed(logits, temperature, generator).argmax(dim=-1)], dim=1)
+        scores = gumbel_perturbed(logits, temperature, generator) if temperature > 0 else logits
+        x = torch.cat([x, scores.argmax(dim=-1)], dim=1)
     return x

@@ -40,7 +40,8 @@ from pretrain.metrics import MetricsLogger
 from pretrain.preemption import PreemptionFlag
 from pretrain.objectives import (NoisedBatch, ar_loss_from_ce, draw_mask, draw_t, forward_process,
                                  next_token_targets, p_mask_of, pretrain_loss_from_ce)
-from pretrain.sampling import generate, generate_autoregressive, strip_at_eos
+from pretrain.sampling import (SamplerConfig, all_ranks_agree, generate, generate_autoregressive,
+                               strip_at_eos)
 from pretrain.schedule import lr_at
 from pretrain.validation import heldout_metrics
 
@@ -147,10 +148,13 @@ def closing_sample(model, cfg: RunConfig, tok, device) -> list[int]:
     if cfg.train.objective == "arm":
         out = generate_autoregressive(model, prompt, gen_length=s.gen_length,
                                       temperature=s.temperature, generator=generator)
-    else:
-        out = generate(model, prompt, mask_id=tok.mask_id, steps=s.steps, gen_length=s.gen_length,
-                       block_length=s.block_length, temperature=s.temperature, generator=generator)
-    return strip_at_eos(out[0, prompt.shape[1]:].tolist(), tok.eos_id)
+        return strip_at_eos(out[0, prompt.shape[1]:].tolist(), tok.eos_id)
+    config = SamplerConfig(steps=s.steps, gen_length=s.gen_length, block_length=s.block_length,
+                           temperature=s.temperature)
+    # every rank runs the same prompt; the early stop at EOS is still agreed, as the forwards are collective
+    sample = generate(model, prompt, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.special_ids["eot"],
+                      config=config, generator=generator, agree=all_ranks_agree)
+    return sample.answers(tok.eos_id)[0]
 
 
 def dry_run(cfg: RunConfig, world_size: int) -> int:

@@ -130,7 +130,7 @@ def main(out: str, layouts: list[str]) -> None:
     for layout in layouts:
         (Path(out) / layout).mkdir(parents=True, exist_ok=True)
         run_layout(Path(out) / layout, layout, tokenizer, mask_id)
-    dist.barrier()
+    ds.exit_together(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""A model to sample from and score with, loaded from a training checkpoint or a released LLaDA
+directory, in one process or sharded over ranks.
+
+Both sources hold the same tensor names (the released ones), so both load into the training
+model: a `step_XXXXXXXX` checkpoint (or a checkpoints directory: its newest step) through its
+`config.yaml`, a released-layout directory (GSAI-ML/LLaDA-8B-Base or -Instruct as downloaded,
+or this stack's export) through its `config.json`; the tokenizer is the `tokenizer.json`
+beside the weights. In one process the model is built on the meta device and filled tensor by
+tensor (no throw-away initialisation, no second copy). Under a launcher (WORLD_SIZE > 1) or
+with tensor parallelism it is built like the trainer builds it (megatron-core shards, ZeRO-3
+partitions under `zero.Init`) and wrapped in a DeepSpeed engine without an optimizer; every
+forward is then a collective, which the sampler's `agree` and the evaluation sampler's padding
+keep in lockstep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_pipeline.tokenizer import TokenizerInfo, check_fits_model, load_tokenizer
+from parallel import engine as ds
+from parallel.model import LLaDAModel
+from parallel.model_config import ModelConfig
+from parallel.topology import coordinates
+from pretrain.checkpoint import load_weights, read_model_config, weights_checkpoint
+from pretrain.hf_format import model_config_from_released
+from pretrain.safetensors_stream import TensorEntry, read_directory, read_header
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class InferenceModel:
+    """Callable as `model(ids, attention_mask=None) -> fp32 logits`; knows its tokenizer and
+    this rank's data-parallel coordinates (prompts are split over data-parallel ranks)."""
+    module: torch.nn.Module
+    config: ModelConfig
+    tokenizer: TokenizerInfo
+    device: torch.device
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.module(ids.to(self.device), attention_mask=attention_mask)
+
+
+def weights_source(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, TensorEntry], Path, str]:
+    """(model config, tensor entries, tokenizer path, description) of a released-layout
+    directory (it has config.json) or a training checkpoint."""
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        config = json.loads((directory / "config.json").read_text())
+        model = model_config_from_released(config, str(directory / "config.json"))
+        return model, read_directory(directory), directory / "tokenizer.json", f"released layout {directory}"
+    checkpoint = weights_checkpoint(directory)
+    return (read_model_config(checkpoint), read_header(checkpoint / "model.safetensors"),
+            checkpoint / "tokenizer.json", f"checkpoint {checkpoint}")
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_model(directory: str | os.PathLike, *, dtype: str = "auto", tensor_parallel: int = 1,
+               zero_stage: int = 3, attention_backend: str = "auto") -> InferenceModel:
+    """The model in `directory`, in this process or sharded over the launched ranks.
+
+    dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32". tensor_parallel / zero_stage
+    apply under a launcher (WORLD_SIZE > 1) or when tensor_parallel > 1."""
+    model_config, entries, tokenizer_path, where = weights_source(directory)
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_fits_model(tokenizer, model_config.vocab_size)
+    precision = "bf16" if dtype == "auto" and torch.cuda.is_available() else ("fp32" if dtype == "auto" else dtype)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and tensor_parallel == 1:
+        device = _device()
+        with torch.device("meta"):
+            module = LLaDAModel(model_config, init_seed=None, attention_backend=attention_backend)
+        module = module.to_empty(device=device).to(DTYPES[precision])
+        load_weights(module, entries, where)
+        return InferenceModel(module.eval(), model_config, tokenizer, device)
+    return _load_sharded(model_config, entries, where, tokenizer, precision, tensor_parallel,
+                         zero_stage, attention_backend, world)
+
+
+def _load_sharded(model_config, entries, where, tokenizer, precision, tensor_parallel, zero_stage,
+                  attention_backend, world) -> InferenceModel:
+    from pretrain.config import RunConfig
+    from pretrain.layout import engine_config, resolve_layout
+    from pretrain.train import build_model
+
+    cfg = RunConfig()
+    cfg.model = model_config
+    cfg.parallel.tensor_parallel = tensor_parallel
+    cfg.parallel.zero_stage = zero_stage
+    cfg.train.precision = precision
+    cfg.train.attention_backend = attention_backend
+    cfg.train.micro_batch_size = 1
+    cfg.train.global_batch_size = world // tensor_parallel
+    ds.init_distributed(cfg.parallel.rendezvous_timeout_s)
+    ds_config = engine_config(cfg, resolve_layout(cfg, world))
+    module, mpu = build_model(cfg, ds_config)
+    load_weights(module, entries, where)
+    engine = ds.initialize(module, None, ds_config, mpu=mpu)
+    grid = coordinates(torch.distributed.get_rank(), world, tensor_parallel)
+    return InferenceModel(engine.module.eval(), model_config, tokenizer, _device(),
+                          dp_rank=grid.dp_rank, dp_size=grid.dp_size)

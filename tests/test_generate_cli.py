@@ -1,0 +1,127 @@
+"""`python -m pretrain.generate` and `python -m pretrain.chat` on real checkpoints.
+
+- The same answers (ids, reveal steps) from a training checkpoint and from its export in the
+  released layout, and from 2 ranks under ZeRO-3 (the model partitioned, prompts split over
+  ranks with a dummy, batches that finish at different steps on different ranks: the early
+  stop is agreed, nobody hangs) as from one process.
+- Prompt sources (--prompt, --prompts-file, .jsonl, --prompt-ids, --chat) and their errors.
+- chat keeps earlier turns, renders them through the chat template, and strips EOS/EoT
+  between turns.
+"""
+
+import io
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from data_pipeline.tokenizer import load_tokenizer, train_bpe
+from parallel.model import LLaDAModel
+from parallel.model_config import ModelConfig
+from pretrain import chat, generate as generate_cli
+from pretrain.export_hf import export
+from test_parallel import free_port
+
+PROMPTS = ["def load(s):", "import json", "class Decoder:", "return value", "x = 1"]
+SAMPLER = ["--steps", "16", "--gen-length", "16", "--block-length", "8", "--batch-size", "1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny model whose EOS row copies (x 1.05) the head row of a token it
+    often predicts, so answers end at different steps for different prompts."""
+    root = tmp_path_factory.mktemp("gen")
+    stdlib_json = sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
+    tok = train_bpe(stdlib_json, 320, root / "tokenizer.json")
+    model = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
+                        vocab_size=320, max_sequence_length=128)
+    weights = {n: p.detach().clone() for n, p in LLaDAModel(model, init_seed=5).named_parameters()}
+    head = weights["model.transformer.ff_out.weight"]
+    head[tok.eos_id] = head[160] * 1.05
+    ckpt = root / "ckpt"
+    ckpt.mkdir()
+    save_file(weights, str(ckpt / "model.safetensors"))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": model.__dict__}))
+    (ckpt / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return ckpt
+
+
+def run_generate(args: list[str], env: dict, launcher: list[str] | None = None) -> list[dict]:
+    command = (launcher or [sys.executable]) + ["-m", "pretrain.generate", *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_checkpoint_export_and_two_zero3_ranks_give_the_same_answers(checkpoint, subprocess_env, tmp_path):
+    args = ["--prompts-file", str(checkpoint.parent / "prompts.txt"), *SAMPLER, "--json", "--reveal-steps"]
+    single = run_generate(["--model", str(checkpoint), *args], subprocess_env)
+    assert [r["prompt_ids"] for r in single] == [load_tokenizer(checkpoint / "tokenizer.json").encode(p)
+                                                 for p in PROMPTS]
+    # premise: answers end at different steps, and one never ends early (all 16 steps)
+    steps = [r["steps_run"] for r in single]
+    assert len(set(steps)) >= 3 and 16 in steps and min(steps) < 8, steps
+    # rank 0 gets prompts 0, 2, 4 and rank 1 gets 1, 3 and a dummy: their batches end apart
+    assert steps[0] != steps[1] and steps[4] != steps[0]
+
+    export(checkpoint, tmp_path / "hf", dtype=torch.float32, log=lambda *a: None)
+    assert run_generate(["--model", str(tmp_path / "hf"), *args], subprocess_env) == single
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())]
+    two = run_generate(["--model", str(checkpoint), "--zero-stage", "3", *args], subprocess_env, launcher)
+    without_steps = lambda records: [{k: v for k, v in r.items() if k != "steps_run"} for r in records]
+    assert without_steps(two) == without_steps(single)
+    # a batch runs until the other rank's batch is final too: the stop is agreed
+    # (batches in lockstep: prompts 0 | 1, 2 | 3, 4 | the dummy, a copy of prompt 0)
+    paired = [max(steps[0], steps[1])] * 2 + [max(steps[2], steps[3])] * 2 + [max(steps[4], steps[0])]
+    assert [r["steps_run"] for r in two] == paired
+
+
+def test_prompt_sources_and_their_errors(checkpoint, capsys):
+    tok = load_tokenizer(checkpoint / "tokenizer.json")
+    jsonl = checkpoint.parent / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "import json"}) + "\n")
+    assert generate_cli.main(["--model", str(checkpoint), "--prompt", "def load(s):", "--prompts-file",
+                              str(jsonl), "--prompt-ids", "5,6,7", "--chat", *SAMPLER, "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    bos, start, end, eot = (tok.special_ids[k] for k in ("bos", "start_header", "end_header", "eot"))
+    assert [r["prompt_ids"][0] for r in records[:2]] == [bos, bos]  # --chat wraps text prompts
+    assert records[0]["prompt_ids"][1] == start and eot in records[0]["prompt_ids"]
+    assert records[2]["prompt_ids"] == [5, 6, 7]  # ids are taken as they are
+    jsonl.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(SystemExit, match="prompts.jsonl:1: expected an object with a string field 'prompt'"):
+        generate_cli.main(["--model", str(checkpoint), "--prompts-file", str(jsonl)])
+    with pytest.raises(SystemExit, match="block_length 5 must divide gen_length 16"):
+        generate_cli.main(["--model", str(checkpoint), "--prompt", "x", "--gen-length", "16",
+                           "--block-length", "5"])
+
+
+def test_chat_keeps_the_dialogue_and_strips_eos_between_turns(checkpoint, monkeypatch, capsys):
+    tok = load_tokenizer(checkpoint / "tokenizer.json")
+    prompts = []
+    real_generate = chat.generate
+
+    def recording(model, prompt, **kwargs):
+        prompts.append(prompt[0].tolist())
+        return real_generate(model, prompt, **kwargs)
+
+    monkeypatch.setattr(chat, "generate", recording)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\nand again\n/reset\nfresh start\n"))
+    assert chat.main(["--model", str(checkpoint), "--system", "Be brief.", "--steps", "8",
+                      "--gen-length", "8", "--block-length", "8"]) == 0
+    replies = [line for line in capsys.readouterr().out.splitlines() if line.startswith("llada> ")]
+    assert len(replies) == 3 and len(prompts) == 3
+    first, second, after_reset = prompts
+    assert second[:len(first)] == first  # the second turn extends the first dialogue
+    eot = tok.special_ids["eot"]
+    assert second.count(eot) == first.count(eot) + 2  # the first answer and the second question
+    assert tok.eos_id not in second  # no EOS inside the dialogue
+    assert after_reset.count(eot) == first.count(eot) == 2  # back to the system message and one question
