@@ -104,6 +104,13 @@ class ValidationConfig:
     # t at the centres of `t_buckets` equal buckets of [0, 1]: a fixed grid, with fixed masks.
     t_buckets: int = 10
     seed: int = 0
+    # The Algorithm 3 bound (empty prompt, each held-out row the answer) on the first
+    # `elbo_sequences` held-out rows, every `elbo_every` steps (0: off), spread over the
+    # data-parallel ranks; logged as val/elbo_nll (nats per token).
+    elbo_every: int = 0
+    elbo_sequences: int = 16
+    elbo_mc_num: int = 32
+    elbo_batch_size: int = 8
 
 
 @dataclass
@@ -298,9 +305,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
                        "prepared directories as {path: DIR, weight: W}")
         if d.tokenizer is None:
             out.append("data.tokenizer: prepared shards need the tokenizer.json they were prepared with")
-        if v.every and d.validation_path is None:
+        if (v.every or v.elbo_every) and d.validation_path is None:
             out.append("data.validation_path: validation needs a prepared held-out directory "
-                       "(or set validation.every=0)")
+                       "(or set validation.every=0 and validation.elbo_every=0)")
     for i, src in enumerate(d.sources):
         if check_paths and not Path(src.path, "manifest.json").is_file():
             out.append(f"data.sources[{i}].path: no manifest.json in {src.path!r}; prepare it with "
@@ -330,9 +337,19 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
         out.append(f"data.variable_length_prob: {d.variable_length_prob} must lie in [0, 1]")
     if d.max_bytes <= 0:
         out.append(f"data.max_bytes: must be positive, got {d.max_bytes}")
-    for name in ("every", "batches", "batch_size", "t_buckets"):
-        if getattr(v, name) < (0 if name == "every" else 1):
-            out.append(f"validation.{name}: must be {'>= 0' if name == 'every' else 'positive'}")
+    for name in ("every", "elbo_every", "batches", "batch_size", "t_buckets", "elbo_sequences",
+                 "elbo_mc_num", "elbo_batch_size"):
+        if getattr(v, name) < (0 if name.endswith("every") else 1):
+            out.append(f"validation.{name}: must be {'>= 0' if name.endswith('every') else 'positive'}")
+    if v.elbo_every and t.objective == "arm":
+        out.append("validation.elbo_every: the Algorithm 3 bound scores the masked diffusion model; "
+                   "set it to 0 for train.objective=arm")
+    if v.elbo_every and v.elbo_mc_num % max(v.elbo_batch_size, 1):
+        out.append(f"validation.elbo_mc_num: {v.elbo_mc_num} is not a multiple of "
+                   f"validation.elbo_batch_size {v.elbo_batch_size}")
+    if v.elbo_every and v.elbo_sequences > v.batches * v.batch_size:
+        out.append(f"validation.elbo_sequences: {v.elbo_sequences} exceeds the held-out rows, "
+                   f"validation.batches x validation.batch_size = {v.batches * v.batch_size}")
     if cfg.checkpoint.every < 0:
         out.append("checkpoint.every: must be >= 0 (0 saves only at the end)")
     if cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_every < 0:

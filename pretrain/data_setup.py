@@ -71,7 +71,7 @@ def build_training_data(cfg: RunConfig, out_dir: Path, *, rank: int, dp_rank: in
         tokenizer_sha256=tok.sha256, variable_length_prob=d.variable_length_prob,
         variable_length_mode=d.variable_length_mode)
     validation = []
-    if cfg.validation.every:
+    if cfg.validation.every or cfg.validation.elbo_every:
         validation = [b.to(device) for b in heldout_batches(
             heldout_dir, n_batches=cfg.validation.batches, batch_size=cfg.validation.batch_size,
             seq_len=d.seq_len, vocab_size=cfg.model.vocab_size, tokenizer_sha256=tok.sha256)]

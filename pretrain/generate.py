@@ -5,8 +5,8 @@ released-layout directory (GSAI-ML/LLaDA-8B-Base / -Instruct as downloaded, or a
 Prompts come from `--prompt` (repeatable), `--prompts-file` (one per line, or a .jsonl of
 {"prompt": ...}) or `--prompt-ids 1,2,3`; `--chat` wraps each prompt as a user turn of the chat
 template (for Instruct models). Every sampler option is a flag (see `pretrain/sampling.py`).
-Prompts are batched (`--batch-size`), left-padded with an attention mask. Output: the text of
-each answer, cut at the first EOS, or with `--json` one JSON object per prompt (prompt ids,
+Prompts are batched (`--batch-size`), left-padded with an attention mask. Output: each prompt
+followed by its answer (cut at the first EOS), or with `--json` one JSON object per prompt (prompt ids,
 answer ids and text, the denoising steps its batch ran, and with `--reveal-steps` the step that
 revealed each generated token).
 
@@ -54,7 +54,9 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="training checkpoint or released-layout directory")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--tensor-parallel", type=int, default=1)
-    parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
+    parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 3),
+                        help="under a launcher: 3 partitions the weights over data-parallel ranks, "
+                             "0 keeps a whole copy (or TP shard) on each")
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -92,7 +94,7 @@ def sample_ids(model: InferenceModel, prompts: list[list[int]], config: SamplerC
         for row, answer in enumerate(sample.answers(tok.eos_id)):
             results.append({"ids": answer, "reveal_steps": sample.reveal_step[row, :len(answer)].tolist(),
                             "steps_run": sample.steps_run})
-    return gather_in_order(results, [index for index, _ in share])
+    return gather_in_order(results, [index for index, _ in share], group=model.dp_group)
 
 
 def read_prompts(args: argparse.Namespace, model: InferenceModel) -> list[list[int]]:
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_results(tok, prompts: list[list[int]], results: list[dict], args: argparse.Namespace) -> None:
-    for prompt, result in zip(prompts, results):
+    """JSON lines, or each prompt followed by its answer, separated by rules."""
+    for number, (prompt, result) in enumerate(zip(prompts, results)):
         text = tok.decode(result["ids"])
         if args.json:
             record = {"prompt_ids": prompt, "ids": result["ids"], "text": text, "steps_run": result["steps_run"]}
@@ -155,7 +158,8 @@ def print_results(tok, prompts: list[list[int]], results: list[dict], args: argp
                 record["reveal_steps"] = result["reveal_steps"]
             print(json.dumps(record), flush=True)
         else:
-            print(text, flush=True)
+            rule = "" if number == 0 else "-" * 72 + "\n"
+            print(f"{rule}{tok.decode(prompt, skip_special_tokens=True)}{text}", flush=True)
 
 
 if __name__ == "__main__":

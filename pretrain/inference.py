@@ -37,13 +37,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 @dataclass
 class InferenceModel:
     """Callable as `model(ids, attention_mask=None) -> fp32 logits`; knows its tokenizer and
-    this rank's data-parallel coordinates (prompts are split over data-parallel ranks)."""
+    this rank's data-parallel coordinates: examples are split over the data-parallel ranks and
+    gathered over `dp_group` (tensor-parallel peers hold the same examples; None: the world)."""
     module: torch.nn.Module
     config: ModelConfig
     tokenizer: TokenizerInfo
     device: torch.device
     dp_rank: int = 0
     dp_size: int = 1
+    dp_group: object = None
 
     @property
     def distributed(self) -> bool:
@@ -78,7 +80,11 @@ def load_model(directory: str | os.PathLike, *, dtype: str = "auto", tensor_para
     """The model in `directory`, in this process or sharded over the launched ranks.
 
     dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32". tensor_parallel / zero_stage
-    apply under a launcher (WORLD_SIZE > 1) or when tensor_parallel > 1."""
+    apply under a launcher (WORLD_SIZE > 1) or when tensor_parallel > 1; zero_stage is 3 (weights
+    partitioned over data-parallel ranks) or 0 (ZeRO-1/2 partition optimizer state only)."""
+    if zero_stage not in (0, 3):
+        raise ValueError(f"zero_stage {zero_stage}: inference uses 3 (weights partitioned) or 0; "
+                         f"stages 1 and 2 partition optimizer state, which inference has none of")
     model_config, entries, tokenizer_path, where = weights_source(directory)
     tokenizer = load_tokenizer(tokenizer_path)
     check_fits_model(tokenizer, model_config.vocab_size)
@@ -116,4 +122,5 @@ def _load_sharded(model_config, entries, where, tokenizer, precision, tensor_par
     engine = ds.initialize(module, None, ds_config, mpu=mpu)
     grid = coordinates(torch.distributed.get_rank(), world, tensor_parallel)
     return InferenceModel(engine.module.eval(), model_config, tokenizer, _device(),
-                          dp_rank=grid.dp_rank, dp_size=grid.dp_size)
+                          dp_rank=grid.dp_rank, dp_size=grid.dp_size,
+                          dp_group=mpu.get_data_parallel_group() if mpu is not None else None)

@@ -101,3 +101,24 @@ def conditional_log_likelihood(model_fn: LogitsFn, prompt: torch.Tensor, answer:
         weights = p_mask[:, None].expand_as(masked)[masked]
         total += (ce / weights).sum() / batch_size
     return -total.item() / n_batches
+
+
+# (noisy ids, targets, loss mask) -> per-token fp32 cross-entropy [b, s]: the training model's
+# loss path (chunked and vocabulary-parallel), which never materialises whole-vocabulary logits.
+TokenCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def sequence_nll_bound(token_ce: TokenCrossEntropy, seq: torch.Tensor, *, mask_id: int,
+                       mc_num: int, batch_size: int, generator: torch.Generator) -> float:
+    """Algorithm 3 with an empty prompt, through the per-token cross-entropy path: an upper bound
+    on -log p(seq) in nats (seq [L]). The validation metric during training."""
+    if batch_size < 1 or mc_num < 1 or mc_num % batch_size:
+        raise ValueError(f"mc_num {mc_num} must be a positive multiple of batch_size {batch_size}")
+    rows = seq.long()[None, :].repeat(batch_size, 1)
+    total = 0.0
+    for _ in range(mc_num // batch_size):
+        noisy, masked, p_mask = likelihood_noise(rows, 0, mask_id, generator)
+        ce = token_ce(noisy, rows, masked)
+        total += ((ce * masked / p_mask[:, None]).sum() / batch_size).item()
+    return total / (mc_num // batch_size)

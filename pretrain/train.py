@@ -43,7 +43,7 @@ from pretrain.objectives import (NoisedBatch, ar_loss_from_ce, draw_mask, draw_t
 from pretrain.sampling import (SamplerConfig, all_ranks_agree, generate, generate_autoregressive,
                                strip_at_eos)
 from pretrain.schedule import lr_at
-from pretrain.validation import heldout_metrics
+from pretrain.validation import heldout_elbo, heldout_metrics
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -302,6 +302,21 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         log.print(f"step {step}: held-out loss {result['val/loss']:.4f}")
         return result
 
+    def validate_elbo(step: int) -> None:
+        watchdog.beat(step, "Algorithm 3 validation")
+        v = cfg.validation
+        engine.module.eval()
+        rows = torch.cat(data.validation_batches)[:v.elbo_sequences]
+        nll, tokens = heldout_elbo(engine, rows, dp_rank=dp_rank, dp_size=dp_size, mask_id=mask_id,
+                                   mc_num=v.elbo_mc_num, batch_size=v.elbo_batch_size, seed=v.seed)
+        engine.module.train()
+        nll, tokens = all_reduce([nll, tokens])
+        log.log(step, {"tokens": tokens_seen, "val/elbo_nll": nll / tokens})
+        log.print(f"step {step}: held-out Algorithm 3 bound {nll / tokens:.4f} nats/token")
+
+    def due(every: int, step: int) -> bool:
+        return bool(every) and (step % every == 0 or step == cfg.train.steps)
+
     def checkpoint(step: int) -> Path:
         watchdog.beat(step, "checkpoint save")
         start = time.time()
@@ -316,6 +331,8 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         return path
 
     first_val = validate(start_step) if cfg.validation.every and start_step == 0 else None
+    if cfg.validation.elbo_every and start_step == 0:
+        validate_elbo(start_step)
     last_val = first_val
     saved_step = start_step if last_good is not None else None
     steps_run = 0
@@ -359,8 +376,10 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         if verdict.halt:
             log.print(verdict.halt)
             raise TrainingHalted(verdict.halt)
-        if cfg.validation.every and (done % cfg.validation.every == 0 or done == cfg.train.steps):
+        if due(cfg.validation.every, done):
             last_val = validate(done)
+        if due(cfg.validation.elbo_every, done):
+            validate_elbo(done)
         if preempted or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
             last_good, saved_step = checkpoint(done), done
         if preempted:

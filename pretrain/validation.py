@@ -6,6 +6,12 @@ so two evaluations differ only because the weights differ. The mean over buckets
 midpoint-rule estimate of the Algorithm-1 loss (the negative ELBO bound per token); the
 per-bucket values show where the model improves. The AR baseline is scored by its
 next-token loss on the same batches.
+
+The Algorithm 3 bound (`heldout_elbo`) scores whole held-out rows as answers to an empty prompt
+with the official stratified masking: the same bound the evaluation reports, costlier, so it
+has its own period. Rows are split over the data-parallel ranks by the evaluation sampler (a
+short rank scores a dummy row), each row's draws are keyed by its index, so the value does not
+depend on the layout, and every rank runs the same number of forwards.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from typing import Callable
 
 import torch
 
+from data_pipeline.eval_sampler import shard_examples
 from data_pipeline.seeding import keyed_generator
+from pretrain.likelihood import sequence_nll_bound
 from pretrain.objectives import (ar_loss_from_ce, draw_mask, forward_process, next_token_targets,
                                  p_mask_of, pretrain_loss_from_ce)
 
@@ -48,3 +56,18 @@ def heldout_metrics(token_ce: TokenCrossEntropy, batches: list[torch.Tensor],
         out[f"val/loss_t{t:.2f}"] = total / len(batches)
     out["val/loss"] = sum(out.values()) / t_buckets
     return out
+
+
+@torch.no_grad()
+def heldout_elbo(token_ce: TokenCrossEntropy, rows: torch.Tensor, *, dp_rank: int, dp_size: int,
+                 mask_id: int, mc_num: int, batch_size: int, seed: int) -> tuple[float, int]:
+    """(sum of the rows' negative bounds in nats, their token count) over this rank's share of
+    `rows` [n, L]; the caller sums both over ranks (tensor-parallel peers score the same rows,
+    which scales both sums alike) and divides."""
+    total, tokens = 0.0, 0
+    for index, row in shard_examples(list(rows), dp_rank, dp_size):
+        nll = sequence_nll_bound(token_ce, row, mask_id=mask_id, mc_num=mc_num, batch_size=batch_size,
+                                 generator=keyed_generator(seed, "elbo", index or 0, device=row.device))
+        if index is not None:
+            total, tokens = total + nll, tokens + row.numel()
+    return total, tokens

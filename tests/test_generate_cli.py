@@ -1,9 +1,9 @@
 """`python -m pretrain.generate` and `python -m pretrain.chat` on real checkpoints.
 
 - The same answers (ids, reveal steps) from a training checkpoint and from its export in the
-  released layout, and from 2 ranks under ZeRO-3 (the model partitioned, prompts split over
+  released layout, from 2 ranks under ZeRO-3 (the model partitioned, prompts split over
   ranks with a dummy, batches that finish at different steps on different ranks: the early
-  stop is agreed, nobody hangs) as from one process.
+  stop is agreed, nobody hangs) and from 2 tensor-parallel ranks as from one process.
 - Prompt sources (--prompt, --prompts-file, .jsonl, --prompt-ids, --chat) and their errors.
 - chat keeps earlier turns, renders them through the chat template, and strips EOS/EoT
   between turns.
@@ -83,6 +83,11 @@ def test_checkpoint_export_and_two_zero3_ranks_give_the_same_answers(checkpoint,
     # (batches in lockstep: prompts 0 | 1, 2 | 3, 4 | the dummy, a copy of prompt 0)
     paired = [max(steps[0], steps[1])] * 2 + [max(steps[2], steps[3])] * 2 + [max(steps[4], steps[0])]
     assert [r["steps_run"] for r in two] == paired
+
+    # TP=2: both ranks hold every prompt (one data-parallel replica), results gathered once
+    tp = run_generate(["--model", str(checkpoint), "--tensor-parallel", "2", "--zero-stage", "0", *args],
+                      subprocess_env, launcher[:-1] + [str(free_port())])
+    assert tp == single
 
 
 def test_prompt_sources_and_their_errors(checkpoint, capsys):

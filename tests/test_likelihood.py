@@ -189,3 +189,26 @@ def test_errors():
     with pytest.raises(ValueError, match="mask token"):
         conditional_log_likelihood(model_fn, prompt, torch.tensor([3, MASK]), mask_id=MASK,
                                    mc_num=4, batch_size=4, generator=g)
+
+
+def test_validation_bound_is_algorithm_3_with_an_empty_prompt_and_splits_over_ranks():
+    """The training-time bound (per-token CE path, no whole logits) equals minus the conditional
+    log-likelihood with an empty prompt, for the same draws; split over 2 data-parallel ranks
+    (the second scoring a dummy row) its sums equal one rank's."""
+    from pretrain.likelihood import sequence_nll_bound
+    from pretrain.validation import heldout_elbo
+
+    model = LLaDAModel(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden_size=64,
+                                   vocab_size=VOCAB, max_sequence_length=32), init_seed=0).eval()
+    rows = torch.randint(0, MASK, (3, 12), generator=torch.Generator().manual_seed(4))
+    bound = sequence_nll_bound(model, rows[0], mask_id=MASK, mc_num=8, batch_size=4,
+                               generator=torch.Generator().manual_seed(9))
+    ll = conditional_log_likelihood(model, rows[0][:0], rows[0], mask_id=MASK, mc_num=8, batch_size=4,
+                                    generator=torch.Generator().manual_seed(9))
+    assert bound == pytest.approx(-ll, rel=1e-5)
+
+    kwargs = dict(mask_id=MASK, mc_num=4, batch_size=2, seed=3)
+    whole = heldout_elbo(model, rows, dp_rank=0, dp_size=1, **kwargs)
+    halves = [heldout_elbo(model, rows, dp_rank=r, dp_size=2, **kwargs) for r in (0, 1)]
+    assert whole[1] == 36 and [h[1] for h in halves] == [24, 12]  # the dummy row is not counted
+    assert sum(h[0] for h in halves) == pytest.approx(whole[0], rel=1e-6)

@@ -10,7 +10,8 @@
   publishes). Control: the same run without the `mpu` adapter must not.
 - ZeRO-3 DP=2: `deepspeed --num_gpus 2 recipes/tiny.sh` typed as users type it, from another
   directory, trains on 2 CPU ranks, the engine reports DP 2, and its loss trajectory equals the
-  single-process run's on the same global batch (32 rows = 2 ranks x 16).
+  single-process run's on the same global batch (32 rows = 2 ranks x 16); so does the
+  Algorithm 3 held-out bound, its rows split over the ranks with a dummy.
 """
 
 import json
@@ -71,12 +72,23 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
 
+# The Algorithm 3 bound on 5 held-out rows at steps 0 and 5: 3 rows on one rank, 2 and a dummy
+# on the other.
+ELBO = ["validation.elbo_every=5", "validation.elbo_sequences=5", "validation.batches=1",
+        "validation.batch_size=8", "validation.elbo_mc_num=4", "validation.elbo_batch_size=2"]
+
+
+def elbo_values(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["val/elbo_nll"]) for r in map(json.loads, lines) if "val/elbo_nll" in r]
+
+
 def test_deepspeed_launch_of_tiny_recipe_on_two_ranks_follows_one_process(tmp_path, subprocess_env):
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     two = subprocess.run(
         ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-         str(REPO / "recipes" / "tiny.sh"), *SMALL_RUN, "data.max_bytes=1500000",
+         str(REPO / "recipes" / "tiny.sh"), *SMALL_RUN, *ELBO, "data.max_bytes=1500000",
          "data.heldout_fraction=0.1"],
         cwd=cwd, capture_output=True, text=True, timeout=300, env=subprocess_env)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -87,8 +99,9 @@ def test_deepspeed_launch_of_tiny_recipe_on_two_ranks_follows_one_process(tmp_pa
     data = run2 / "data"
     one = subprocess.run(
         [sys.executable, "-m", "pretrain.train", "--config", str(REPO / "recipes" / "tiny.yaml"),
-         *SMALL_RUN, "data.source=shards", f"data.sources=[{{path: {data / 'train'}}}]",
-         f"data.tokenizer={data / 'tokenizer.json'}", f"train.out_dir={tmp_path / 'one'}"],
+         *SMALL_RUN, *ELBO, "data.source=shards", f"data.sources=[{{path: {data / 'train'}}}]",
+         f"data.validation_path={data / 'heldout'}", f"data.tokenizer={data / 'tokenizer.json'}",
+         f"train.out_dir={tmp_path / 'one'}"],
         cwd=cwd, capture_output=True, text=True, timeout=300, env=subprocess_env)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     assert "micro 32 x DP 1" in one.stdout
@@ -96,3 +109,7 @@ def test_deepspeed_launch_of_tiny_recipe_on_two_ranks_follows_one_process(tmp_pa
     assert len(two_losses) == len(one_losses) == 5
     assert two_losses == pytest.approx(one_losses, rel=1e-5, abs=0)
     assert one_losses[-1] < one_losses[0]
+    # the held-out bound, rows split over ranks with a dummy, equals the one-process value
+    two_elbo, one_elbo = elbo_values(run2), elbo_values(tmp_path / "one")
+    assert [s for s, _ in one_elbo] == [s for s, _ in two_elbo] == [0, 5]
+    assert [v for _, v in two_elbo] == pytest.approx([v for _, v in one_elbo], rel=1e-5)

@@ -29,6 +29,8 @@ OVERRIDES = [
     "schedule.mid_tokens=10000", "schedule.decay_tokens=5000", "validation.every=20",
     "validation.batches=2", "checkpoint.every=20", "logging.every=5", "logging.progress_bar=false",
     "sample.gen_length=16", "sample.steps=16", "sample.block_length=8",
+    "validation.elbo_every=20", "validation.elbo_sequences=4", "validation.elbo_mc_num=8",
+    "validation.elbo_batch_size=4",
 ]
 
 
@@ -54,6 +56,12 @@ def test_heldout_loss_falls_clearly(run_dir):
     assert last < first - 0.7, vals  # about 0.9 at this size; chance level is ln(512) = 6.2
     buckets = [k for k in records(run_dir)[0] if k.startswith("val/loss_t")]
     assert len(buckets) == 10
+
+
+def test_algorithm_3_bound_is_logged_and_falls(run_dir):
+    bound = [(r["step"], r["val/elbo_nll"]) for r in records(run_dir) if "val/elbo_nll" in r]
+    assert [s for s, _ in bound] == [0, 20, 40]
+    assert bound[-1][1] < bound[0][1] - 0.5, bound
 
 
 def test_training_metrics_are_logged(run_dir):
