@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# In requirements.txt (the tests need them) but not needed to train: extras here.
+OPTIONAL = {"pytest": "pytest", "lm-eval": "lm-eval>=0.4.12"}
+
 setup(
     name="llada-stack",
     version="0.1.0",
@@ -10,6 +13,7 @@ setup(
                                     "data_pipeline", "data_pipeline.*"]),
     python_requires=">=3.10",
     install_requires=[line.strip() for line in open("requirements.txt")
-                      if line.strip() and not line.startswith("#") and line.strip() != "pytest"],
-    extras_require={"test": ["pytest"]},
+                      if line.strip() and not line.startswith("#")
+                      and line.split(">")[0].strip() not in OPTIONAL],
+    extras_require={"test": ["pytest"], "lm-eval": [OPTIONAL["lm-eval"]]},
 )

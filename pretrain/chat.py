@@ -17,7 +17,7 @@ import torch
 
 from data_pipeline.seeding import keyed_generator
 from data_pipeline.sft import ChatTemplate
-from pretrain.generate import add_sampler_flags, open_model, sampler_config
+from pretrain.generate import add_model_flags, add_sampler_flags, open_model, sampler_config
 from pretrain.inference import InferenceModel
 from pretrain.sampling import generate, strip_at_eos
 
@@ -40,6 +40,7 @@ def answer(model: InferenceModel, dialogue: list[dict], config, seed: int, turn:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--system", help="a system message opening the dialogue")
+    add_model_flags(parser)
     add_sampler_flags(parser)
     args = parser.parse_args(argv)
     config = sampler_config(args)

@@ -51,12 +51,17 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-stop-at-eos", action="store_true",
                         help="run every step even when every answer has ended")
     parser.add_argument("--seed", type=int, default=0, help="seeds temperature and random remasking")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Which model to load and how to lay it out (shared with `pretrain.chat` and `pretrain.evaluate`)."""
     parser.add_argument("--model", required=True, help="training checkpoint or released-layout directory")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 3),
                         help="under a launcher: 3 partitions the weights over data-parallel ranks, "
                              "0 keeps a whole copy (or TP shard) on each")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
     parser.add_argument("--reveal-steps", action="store_true", help="with --json: the reveal step of each token")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    add_model_flags(parser)
     add_sampler_flags(parser)
     args = parser.parse_args(argv)
     config = sampler_config(args)

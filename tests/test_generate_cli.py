@@ -13,20 +13,16 @@ import io
 import json
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import save_file
 
-from data_pipeline.tokenizer import load_tokenizer, train_bpe
-from parallel.model import LLaDAModel
-from parallel.model_config import ModelConfig
+from data_pipeline.tokenizer import load_tokenizer
 from pretrain import chat, generate as generate_cli
 from pretrain.export_hf import export
 from test_parallel import free_port
+from tiny_checkpoints import eos_ending_checkpoint
 
 PROMPTS = ["def load(s):", "import json", "class Decoder:", "return value", "x = 1"]
 SAMPLER = ["--steps", "16", "--gen-length", "16", "--block-length", "8", "--batch-size", "1"]
@@ -34,23 +30,9 @@ SAMPLER = ["--steps", "16", "--gen-length", "16", "--block-length", "8", "--batc
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised tiny model whose EOS row copies (x 1.05) the head row of a token it
-    often predicts, so answers end at different steps for different prompts."""
     root = tmp_path_factory.mktemp("gen")
-    stdlib_json = sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
-    tok = train_bpe(stdlib_json, 320, root / "tokenizer.json")
-    model = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
-                        vocab_size=320, max_sequence_length=128)
-    weights = {n: p.detach().clone() for n, p in LLaDAModel(model, init_seed=5).named_parameters()}
-    head = weights["model.transformer.ff_out.weight"]
-    head[tok.eos_id] = head[160] * 1.05
-    ckpt = root / "ckpt"
-    ckpt.mkdir()
-    save_file(weights, str(ckpt / "model.safetensors"))
-    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": model.__dict__}))
-    (ckpt / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return ckpt
+    return eos_ending_checkpoint(root)
 
 
 def run_generate(args: list[str], env: dict, launcher: list[str] | None = None) -> list[dict]:

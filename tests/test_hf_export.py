@@ -20,10 +20,8 @@
 """
 
 import json
-import os
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_pipeline.tokenizer import load_tokenizer, train_bpe
+from data_pipeline.tokenizer import load_tokenizer
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig, preset
 from pretrain.export_hf import export, main as export_main
@@ -42,6 +40,7 @@ from pretrain.import_hf import import_release, main as import_main
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_parallel import free_port  # noqa: E402
+from tiny_checkpoints import stdlib_tokenizer, write_checkpoint  # noqa: E402
 
 LAYOUTS = ("single", "zero3", "tp2")
 
@@ -86,8 +85,7 @@ def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hf")
-    stdlib_json = sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
-    train_bpe(stdlib_json, 320, root / "tokenizer.json")
+    stdlib_tokenizer(root / "tokenizer.json")
     return root
 
 
@@ -346,13 +344,8 @@ MEMORY_PROBE = textwrap.dedent('''
 def test_export_peak_memory_stays_near_the_largest_tensor(work, tmp_path, subprocess_env):
     model = ModelConfig(d_model=1024, n_layers=4, n_heads=8, n_kv_heads=8, mlp_hidden_size=2816,
                         vocab_size=8192, max_sequence_length=64)
-    checkpoint = tmp_path / "big"
-    checkpoint.mkdir()
     weights = {n: p.detach() for n, p in LLaDAModel(model, init_seed=0).named_parameters()}
-    save_file(weights, str(checkpoint / "model.safetensors"))
-    import yaml
-    (checkpoint / "config.yaml").write_text(yaml.safe_dump({"model": model.__dict__}))
-    (checkpoint / "tokenizer.json").write_bytes((work / "tokenizer.json").read_bytes())
+    checkpoint = write_checkpoint(tmp_path / "big", weights, model, work / "tokenizer.json")
     largest_mb = max(t.numel() * 4 for t in weights.values()) / 2 ** 20
     total_mb = sum(t.numel() * 4 for t in weights.values()) / 2 ** 20
     del weights

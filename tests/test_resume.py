@@ -33,8 +33,8 @@ from pretrain.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["train.micro_batch_size=4", "train.global_batch_size=8", "model.n_layers=2",
-        "validation.every=0", "logging.every=1", "logging.progress_bar=false",
-        "data.num_workers=1", "data.variable_length_prob=0.05", "checkpoint.every=3",
+        "validation.every=0", "validation.elbo_every=0", "logging.every=1",
+        "logging.progress_bar=false", "data.num_workers=1", "data.variable_length_prob=0.05", "checkpoint.every=3",
         "checkpoint.keep_last=0", "sample.gen_length=4", "sample.steps=4", "sample.block_length=4"]
 
 
