@@ -247,8 +247,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def cut_at_stops(text: str, stop: list[str]) -> str:
-    """`text` up to the earliest occurrence of any stop string."""
-    end = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    """`text` up to the earliest occurrence of any (non-empty) stop string."""
+    end = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
     return text[:end]
 
 

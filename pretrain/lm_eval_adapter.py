@@ -64,29 +64,12 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from data_pipeline.seeding import keyed_generator
-from data_pipeline.tokenizer import TokenizerInfo
+from pretrain.eval_tasks import cut_at_stops, encode_pair
 from pretrain.inference import load_model
 from pretrain.likelihood import conditional_log_likelihood
 from pretrain.sampling import SamplerConfig, all_ranks_agree, generate, left_pad
 
 log = logging.getLogger(__name__)
-
-
-def split_pair(tok: TokenizerInfo, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as the official adapter splits a request."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    context_ids = tok.encode(context)
-    return context_ids, tok.encode(context + continuation)[len(context_ids):]
-
-
-def cut_at(text: str, until: list[str]) -> str:
-    """`text` up to the first occurrence of any stop string."""
-    for stop in until:
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text
 
 
 @register_model("llada_stack")
@@ -145,7 +128,7 @@ class LLaDAStackLM(LM):
     # -- lm-eval's request types --------------------------------------------------------------
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        results = [self._score(request, *split_pair(self.tok, *request.args))
+        results = [self._score(request, *encode_pair(self.tok, *request.args))
                    for request in tqdm(requests, desc="llada_stack loglikelihood", disable=self.rank != 0)]
         self._even_out_forwards()
         return results
@@ -235,7 +218,7 @@ class LLaDAStackLM(LM):
             answer = answer[:answer.index(eot)] if eot in answer else answer
             text = self.tok.decode(answer[:self._max_tokens(request)], skip_special_tokens=True)
             until = request.args[1].get("until") or []
-            texts.append(cut_at(text, [until] if isinstance(until, str) else until))
+            texts.append(cut_at_stops(text, [until] if isinstance(until, str) else until))
         return texts
 
     # -- what lm-eval's evaluator calls to split and gather over ranks -------------------------
