@@ -41,9 +41,8 @@ from data_pipeline.sft import ChatTemplate
 from parallel import engine as ds
 from pretrain.eval_tasks import (ChoiceExample, GenerationExample, Task, TaskFileError, encode_pair,
                                  generation_record, load_tasks, read_examples)
-from pretrain.generate import add_model_flags, open_model
+from pretrain.generate import add_model_flags, open_model, sample_prompts
 from pretrain.likelihood import conditional_log_likelihood
-from pretrain.sampling import all_ranks_agree, generate, left_pad
 
 
 class CountingModel:
@@ -127,22 +126,8 @@ def score_generation(model, task: Task, examples: list[GenerationExample],
     runs the same number of batches, and each batch's early stop is agreed."""
     tok, s = model.tokenizer, task.settings
     prompts = _prompt_ids(tok, task, examples)
-    eot = tok.special_ids["eot"]
-    share = shard_examples(list(range(len(prompts))), model.dp_rank, model.dp_size)
-    agree = all_ranks_agree if model.distributed else (lambda done: done)
-    answers = []
-    for start in range(0, len(share), s["batch_size"]):
-        batch = share[start:start + s["batch_size"]]
-        ids, mask = left_pad([prompts[i] for _, i in batch], tok.eos_id, device=model.device)
-        first = -1 if batch[0][0] is None else batch[0][0]
-        generator = keyed_generator(seed, "eval", task.name, first, device=model.device)
-        sample = generate(model, ids, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=eot, config=task.sampler,
-                          attention_mask=None if bool(mask.all()) else mask, generator=generator, agree=agree)
-        for answer in sample.answers(tok.eos_id):
-            if s["chat"] and eot in answer:
-                answer = answer[:answer.index(eot)]
-            answers.append({"ids": answer, "steps_run": sample.steps_run})
-    answers = gather_in_order(answers, [index for index, _ in share], group=model.dp_group)
+    answers = sample_prompts(model, prompts, task.sampler, s["batch_size"], key=(seed, "eval", task.name),
+                             cut_at_eot=s["chat"])
     records = []
     for i, (example, answer) in enumerate(zip(examples, answers)):
         text = tok.decode(answer["ids"], skip_special_tokens=True)

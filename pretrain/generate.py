@@ -30,7 +30,8 @@ from data_pipeline.seeding import keyed_generator
 from data_pipeline.sft import ChatTemplate
 from parallel import engine as ds
 from pretrain.inference import InferenceModel, load_model
-from pretrain.sampling import CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig, all_ranks_agree, generate, left_pad
+from pretrain.sampling import (CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig, all_ranks_agree, generate,
+                               left_pad, strip_at_eos)
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
@@ -80,23 +81,27 @@ def open_model(args: argparse.Namespace) -> InferenceModel:
                       zero_stage=args.zero_stage)
 
 
-def sample_ids(model: InferenceModel, prompts: list[list[int]], config: SamplerConfig, seed: int,
-               batch_size: int) -> list[dict]:
+def sample_prompts(model: InferenceModel, prompts: list[list[int]], config: SamplerConfig,
+                   batch_size: int, key: tuple, cut_at_eot: bool = False) -> list[dict]:
     """Answers to every prompt, in order, as {"ids", "reveal_steps", "steps_run"} (the forwards its
-    batch took): this rank's share in batches, then gathered from every data-parallel rank."""
+    batch took): this rank's share in left-padded batches, each with a generator keyed by `key`
+    and the index of its first prompt (-1 for a dummy), then gathered from every data-parallel
+    rank. cut_at_eot: answers also end at the first EoT (chat answers end there)."""
     tok = model.tokenizer
+    eot = tok.special_ids["eot"]
     share = shard_examples(prompts, model.dp_rank, model.dp_size)
     agree = all_ranks_agree if model.distributed else (lambda done: done)
     results = []
     for start in range(0, len(share), batch_size):
         batch = share[start:start + batch_size]
         ids, mask = left_pad([p for _, p in batch], tok.eos_id, device=model.device)
-        generator = keyed_generator(seed, "generate", batch[0][0] or 0, device=model.device)
-        sample = generate(model, ids, mask_id=tok.mask_id, eos_id=tok.eos_id,
-                          eot_id=tok.special_ids["eot"], config=config,
+        first = -1 if batch[0][0] is None else batch[0][0]
+        sample = generate(model, ids, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=eot, config=config,
                           attention_mask=mask if not bool(mask.all()) else None,
-                          generator=generator, agree=agree)
+                          generator=keyed_generator(*key, first, device=model.device), agree=agree)
         for row, answer in enumerate(sample.answers(tok.eos_id)):
+            if cut_at_eot:
+                answer = strip_at_eos(answer, eot)
             results.append({"ids": answer, "reveal_steps": sample.reveal_step[row, :len(answer)].tolist(),
                             "steps_run": sample.steps_run})
     return gather_in_order(results, [index for index, _ in share], group=model.dp_group)
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     config = sampler_config(args)
     model = open_model(args)
     prompts = read_prompts(args, model)
-    results = sample_ids(model, prompts, config, args.seed, args.batch_size)
+    results = sample_prompts(model, prompts, config, args.batch_size, key=(args.seed, "generate"))
     if not model.distributed:
         print_results(model.tokenizer, prompts, results, args)
         return 0
