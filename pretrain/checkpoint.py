@@ -16,6 +16,7 @@ start from the weights of a checkpoint or of an imported release (`train.init_fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,8 +31,8 @@ from safetensors.torch import save_file
 from parallel.engine import full_state_dict, import_deepspeed
 from parallel.model_config import ModelConfig
 from pretrain.config import ConfigError
-from pretrain.hf_format import FormatError, expected_tensors, tensor_problems
-from pretrain.safetensors_stream import TensorEntry, read_header, read_tensor
+from pretrain.hf_format import FormatError, expected_tensors, model_config_from_released, require_tensors
+from pretrain.safetensors_stream import TensorEntry, read_directory, read_header, read_tensor
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -171,6 +172,37 @@ def weights_checkpoint(path: str | os.PathLike) -> Path:
                             f"step_XXXXXXXX directory under it")
 
 
+def weights_source(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, TensorEntry], Path, str]:
+    """(model config, tensor entries, tokenizer path, description) of a released-layout
+    directory (it has config.json) or a training checkpoint (`weights_checkpoint`)."""
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        config = json.loads((directory / "config.json").read_text())
+        model = model_config_from_released(config, str(directory / "config.json"))
+        return model, read_directory(directory), directory / "tokenizer.json", f"released layout {directory}"
+    checkpoint = weights_checkpoint(directory)
+    return (read_model_config(checkpoint), read_header(checkpoint / "model.safetensors"),
+            checkpoint / "tokenizer.json", f"checkpoint {checkpoint}")
+
+
+@contextlib.contextmanager
+def new_directory(out: Path):
+    """A temporary sibling of `out` to fill, renamed to `out` when the block completes and removed
+    if it fails, so `out` is complete or absent; `out` must not exist yet (or be empty)."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out}: exists and is not empty; remove it or choose another")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_model_config(path: Path) -> ModelConfig:
     """The model section of a checkpoint's config.yaml."""
     section = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("model") or {}
@@ -193,9 +225,7 @@ def load_weights(module: torch.nn.Module, entries: dict[str, TensorEntry], where
     written and re-partitioned. Names and shapes are checked against the model first, and every
     mismatch is listed."""
     deepspeed = import_deepspeed()
-    problems = tensor_problems({n: e.shape for n, e in entries.items()}, expected_tensors(module.config))
-    if problems:
-        raise FormatError(f"{where} does not fit the model being built:\n  " + "\n  ".join(problems))
+    require_tensors(entries, expected_tensors(module.config), f"{where} does not fit the model being built")
     for name, param in module.named_parameters():
         whole = read_tensor(entries[name])
         # every rank reads the same tensor; the partitions are refreshed from the group's first

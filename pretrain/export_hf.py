@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import SPECIAL_TOKENS, TokenizerInfo, check_fits_model, load_tokenizer
-from pretrain.checkpoint import read_model_config, weights_checkpoint
-from pretrain.hf_format import (MODELING_FILES, FormatError, expected_tensors, released_config,
-                                tensor_problems)
-from pretrain.safetensors_stream import PlannedTensor, parse_size, read_header, read_tensor, write_sharded
+from pretrain.checkpoint import new_directory, weights_source
+from pretrain.hf_format import MODELING_FILES, FormatError, expected_tensors, released_config, require_tensors
+from pretrain.safetensors_stream import PlannedTensor, parse_size, read_tensor, write_sharded
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODELING_SOURCE = Path(__file__).resolve().parent / "hf_modeling"
@@ -58,27 +57,16 @@ def tokenizer_files(tok: TokenizerInfo, model_max_length: int) -> dict[str, dict
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
            max_shard_bytes: int = 5 * 10 ** 9, log=print) -> dict:
-    """Write the export of `checkpoint` (a step directory, or a checkpoints root: its newest) to
-    `out`, which must not exist yet; returns the weight index."""
-    source = weights_checkpoint(checkpoint)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out}: exists and is not empty; remove it or choose another")
-    model = read_model_config(source)
-    tok = load_tokenizer(source / "tokenizer.json")
-    check_fits_model(tok, model.vocab_size)
-    entries = read_header(source / "model.safetensors")
-    expected = expected_tensors(model)
-    problems = tensor_problems({n: e.shape for n, e in entries.items()}, expected)
-    if problems:
-        raise FormatError(f"{source / 'model.safetensors'} does not match its config.yaml:\n  "
-                          + "\n  ".join(problems))
-    config = released_config(model, tok.special_ids)
-
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    """Write the export of `checkpoint` (a step directory, or a checkpoints root: its newest; a
+    released-layout directory is read too, as every loader reads it) to `out`, which must not
+    exist yet; returns the weight index."""
+    with new_directory(Path(out)) as tmp:
+        model, entries, tokenizer_path, source = weights_source(checkpoint)
+        tok = load_tokenizer(tokenizer_path)
+        check_fits_model(tok, model.vocab_size)
+        expected = expected_tensors(model)
+        require_tensors(entries, expected, f"{source}: the weights do not match its model config")
+        config = released_config(model, tok.special_ids)
         start = time.time()
         plan = [PlannedTensor(name, dtype, shape) for name, shape in expected.items()]
         index = write_sharded(tmp, plan, lambda name: read_tensor(entries[name]).to(dtype),
@@ -87,16 +75,11 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: torch.d
         generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                       "pad_token_id": tok.eos_id, "mask_token_id": tok.mask_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         for name, content in tokenizer_files(tok, model.max_sequence_length).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         for name in MODELING_FILES:
             shutil.copyfile(MODELING_SOURCE / name, tmp / name)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     shards = len(set(index["weight_map"].values()))
     log(f"exported {source} -> {out}: {len(plan)} tensors, {index['metadata']['total_size'] / 1e9:.3f} GB "
         f"{dtype} in {shards} shard(s), {time.time() - start:.1f} s")

@@ -128,3 +128,11 @@ def tensor_problems(found: dict[str, tuple[int, ...]], expected: dict[str, tuple
             shown = "; ".join(names[:12]) + (f"; ... ({len(names)} in all)" if len(names) > 12 else "")
             out.append(f"{label}: {shown}")
     return out
+
+
+def require_tensors(found: dict, expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """Raise FormatError listing every missing, unexpected and wrongly shaped tensor; `found` maps
+    names to objects with a `shape` (safetensors entries); `where` opens the message."""
+    problems = tensor_problems({name: entry.shape for name, entry in found.items()}, expected)
+    if problems:
+        raise FormatError(f"{where}:\n  " + "\n  ".join(problems))

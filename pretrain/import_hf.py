@@ -29,9 +29,9 @@ from pathlib import Path
 import yaml
 
 from data_pipeline.tokenizer import check_fits_model, load_tokenizer
+from pretrain.checkpoint import new_directory
 from pretrain.config import ConfigError, RunConfig, load_config, validate_parallel
-from pretrain.hf_format import (FormatError, expected_tensors, model_config_from_released,
-                                tensor_problems)
+from pretrain.hf_format import FormatError, expected_tensors, model_config_from_released, require_tensors
 from pretrain.safetensors_stream import PlannedTensor, read_directory, read_tensor, write_file
 
 IMPORTED = "imported.json"
@@ -43,26 +43,41 @@ def import_release(hf_dir: str | os.PathLike, out: str | os.PathLike, run: RunCo
     run config it is for (default: the defaults, training with the release's tokenizer); its
     model section becomes the release's, and with `check_model` must already equal it."""
     hf_dir, out = Path(hf_dir), Path(out).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out}: exists and is not empty; remove it or choose another")
-    config_path = hf_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"--hf {hf_dir}: no config.json; expected a directory in the released "
-                                f"LLaDA layout (e.g. a download of GSAI-ML/LLaDA-8B-Base)")
-    released = json.loads(config_path.read_text())
-    model = model_config_from_released(released, str(config_path))
-    entries = read_directory(hf_dir)
-    expected = expected_tensors(model)
-    problems = tensor_problems({n: e.shape for n, e in entries.items()}, expected)
-    if problems:
-        raise FormatError(f"--hf {hf_dir}: the weights do not match its config.json:\n  " + "\n  ".join(problems))
+    with new_directory(out) as tmp:
+        config_path = hf_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"--hf {hf_dir}: no config.json; expected a directory in the released "
+                                    f"LLaDA layout (e.g. a download of GSAI-ML/LLaDA-8B-Base)")
+        released = json.loads(config_path.read_text())
+        model = model_config_from_released(released, str(config_path))
+        entries = read_directory(hf_dir)
+        expected = expected_tensors(model)
+        require_tensors(entries, expected, f"--hf {hf_dir}: the weights do not match its config.json")
+        tok = load_tokenizer(hf_dir / "tokenizer.json")
+        check_fits_model(tok, model.vocab_size)
+        for role, field in (("mask", "mask_token_id"), ("eos", "eos_token_id")):
+            if released.get(field) is not None and released[field] != tok.special_ids[role]:
+                raise FormatError(f"{config_path}: {field} is {released[field]} but tokenizer.json has "
+                                  f"{tok.special_ids[role]}; the config and the tokenizer disagree")
+        run = _run_config(run, model, tok, check_model, hf_dir, out)
 
-    tok = load_tokenizer(hf_dir / "tokenizer.json")
-    check_fits_model(tok, model.vocab_size)
-    for role, field in (("mask", "mask_token_id"), ("eos", "eos_token_id")):
-        if released.get(field) is not None and released[field] != tok.special_ids[role]:
-            raise FormatError(f"{config_path}: {field} is {released[field]} but tokenizer.json has "
-                              f"{tok.special_ids[role]}; the config and the tokenizer disagree")
+        start = time.time()
+        plan = [PlannedTensor(name, entries[name].torch_dtype, shape) for name, shape in expected.items()]
+        write_file(tmp / "model.safetensors", plan, lambda name: read_tensor(entries[name]))
+        shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+        (tmp / IMPORTED).write_text(json.dumps({"source": str(hf_dir.resolve()),
+                                                "released_config": released}, indent=2) + "\n")
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in plan})
+    log(f"imported {hf_dir} -> {out}: {len(plan)} tensors ({', '.join(dtypes)}), "
+        f"{sum(t.nbytes for t in plan) / 1e9:.3f} GB in {time.time() - start:.1f} s; train from it with "
+        f"--config {out / 'config.yaml'} or train.init_from={out}")
+    return out
+
+
+def _run_config(run: RunConfig | None, model, tok, check_model: bool, hf_dir: Path, out: Path) -> RunConfig:
+    """The run config written beside the weights: the release's model and tokenizer, starting
+    from `out`; refused when its model (with check_model), tokenizer or layout do not fit."""
     if run is None:
         run = RunConfig()
     differences = run.model.differences(model) if check_model else []
@@ -81,28 +96,7 @@ def import_release(hf_dir: str | os.PathLike, out: str | os.PathLike, run: RunCo
     problems = validate_parallel(run)
     if problems:
         raise ConfigError("\n".join(problems))
-
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        start = time.time()
-        plan = [PlannedTensor(name, entries[name].torch_dtype, shape) for name, shape in expected.items()]
-        write_file(tmp / "model.safetensors", plan, lambda name: read_tensor(entries[name]))
-        shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
-        (tmp / IMPORTED).write_text(json.dumps({"source": str(hf_dir.resolve()),
-                                                "released_config": released}, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in plan})
-    log(f"imported {hf_dir} -> {out}: {len(plan)} tensors ({', '.join(dtypes)}), "
-        f"{sum(t.nbytes for t in plan) / 1e9:.3f} GB in {time.time() - start:.1f} s; train from it with "
-        f"--config {out / 'config.yaml'} or train.init_from={out}")
-    return out
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,8 @@ keep in lockstep.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -27,9 +25,7 @@ from parallel import engine as ds
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from parallel.topology import coordinates
-from pretrain.checkpoint import load_weights, read_model_config, weights_checkpoint
-from pretrain.hf_format import model_config_from_released
-from pretrain.safetensors_stream import TensorEntry, read_directory, read_header
+from pretrain.checkpoint import load_weights, weights_source
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -54,19 +50,6 @@ class InferenceModel:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.module(ids.to(self.device), attention_mask=attention_mask)
-
-
-def weights_source(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, TensorEntry], Path, str]:
-    """(model config, tensor entries, tokenizer path, description) of a released-layout
-    directory (it has config.json) or a training checkpoint."""
-    directory = Path(directory)
-    if (directory / "config.json").is_file():
-        config = json.loads((directory / "config.json").read_text())
-        model = model_config_from_released(config, str(directory / "config.json"))
-        return model, read_directory(directory), directory / "tokenizer.json", f"released layout {directory}"
-    checkpoint = weights_checkpoint(directory)
-    return (read_model_config(checkpoint), read_header(checkpoint / "model.safetensors"),
-            checkpoint / "tokenizer.json", f"checkpoint {checkpoint}")
 
 
 def _device() -> torch.device:
