@@ -69,6 +69,12 @@ def likelihood_noise(seq: torch.Tensor, prompt_length: int, mask_id: int,
     return noisy, masked, p_mask
 
 
+def _monte_carlo_batches(mc_num: int, batch_size: int) -> int:
+    if batch_size < 1 or mc_num < 1 or mc_num % batch_size:
+        raise ValueError(f"mc_num {mc_num} must be a positive multiple of batch_size {batch_size}")
+    return mc_num // batch_size
+
+
 def _cfg_logits(model_fn: LogitsFn, noisy: torch.Tensor, prompt_length: int, mask_id: int,
                 cfg_scale: float) -> torch.Tensor:
     if cfg_scale <= 0:
@@ -84,8 +90,7 @@ def conditional_log_likelihood(model_fn: LogitsFn, prompt: torch.Tensor, answer:
                                mask_id: int, mc_num: int = 128, batch_size: int = 16,
                                cfg_scale: float = 0.0, generator: torch.Generator) -> float:
     """Monte Carlo estimate (lower bound) of log p(answer | prompt); prompt [p], answer [L]."""
-    if batch_size < 1 or mc_num < 1 or mc_num % batch_size:
-        raise ValueError(f"mc_num {mc_num} must be a positive multiple of batch_size {batch_size}")
+    n_batches = _monte_carlo_batches(mc_num, batch_size)
     if answer.numel() == 0:
         raise ValueError("answer is empty: there is nothing to score")
     if bool((answer == mask_id).any()):
@@ -93,7 +98,6 @@ def conditional_log_likelihood(model_fn: LogitsFn, prompt: torch.Tensor, answer:
     p = prompt.numel()
     seq = torch.cat([prompt.to(answer.device), answer]).long()[None, :].repeat(batch_size, 1)
     total = torch.zeros((), dtype=torch.float32, device=seq.device)
-    n_batches = mc_num // batch_size
     for _ in range(n_batches):
         noisy, masked, p_mask = likelihood_noise(seq, p, mask_id, generator)
         logits = _cfg_logits(model_fn, noisy, p, mask_id, cfg_scale)
@@ -113,12 +117,11 @@ def sequence_nll_bound(token_ce: TokenCrossEntropy, seq: torch.Tensor, *, mask_i
                        mc_num: int, batch_size: int, generator: torch.Generator) -> float:
     """Algorithm 3 with an empty prompt, through the per-token cross-entropy path: an upper bound
     on -log p(seq) in nats (seq [L]). The validation metric during training."""
-    if batch_size < 1 or mc_num < 1 or mc_num % batch_size:
-        raise ValueError(f"mc_num {mc_num} must be a positive multiple of batch_size {batch_size}")
+    n_batches = _monte_carlo_batches(mc_num, batch_size)
     rows = seq.long()[None, :].repeat(batch_size, 1)
     total = 0.0
-    for _ in range(mc_num // batch_size):
+    for _ in range(n_batches):
         noisy, masked, p_mask = likelihood_noise(rows, 0, mask_id, generator)
         ce = token_ce(noisy, rows, masked)
         total += ((ce * masked / p_mask[:, None]).sum() / batch_size).item()
-    return total / (mc_num // batch_size)
+    return total / n_batches
