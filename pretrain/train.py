@@ -196,15 +196,26 @@ def resume_point(root: Path, resume: str | None) -> Path | None:
 _INIT_FROM_MAY_CHANGE = ("max_sequence_length", "init_fn", "init_cutoff_factor")
 
 
-def initialise_from(module: torch.nn.Module, cfg: RunConfig) -> str:
-    """Load `train.init_from`'s weights into this rank's part of the model; returns the log line."""
+def init_from_weights(cfg: RunConfig) -> Path:
+    """`train.init_from`, checked to hold this run's model (context length and init may differ)."""
     source = Path(cfg.train.init_from)
     differences = read_model_config(source).differences(cfg.model, ignore=_INIT_FROM_MAY_CHANGE)
     if differences:
         raise ConfigError(f"train.init_from: {source} holds another model (its config.yaml vs this "
                           f"run):\n  model." + "\n  model.".join(differences))
-    load_weights_only(module, source)
-    return f"initialised from the weights in {source}"
+    return source
+
+
+def build_engine(cfg: RunConfig, ds_config: dict, weights: Path | None = None):
+    """This rank's model (TP shard, ZeRO-3 partitions) in a DeepSpeed engine with its optimizer.
+
+    `weights` (a checkpoint's whole weights) are loaded before the engine exists: DeepSpeed's
+    optimizer copies the module's weights into its own (fp32, partitioned) master copies at
+    initialisation, and a later write to the module would be overwritten by the first step."""
+    model, mpu = build_model(cfg, ds_config)
+    if weights is not None:
+        load_weights_only(model, weights)
+    return ds.initialize(model, build_optimizer(model, cfg), ds_config, mpu=mpu)
 
 
 def run(cfg: RunConfig, resume: str | None = None) -> None:
@@ -248,19 +259,16 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
     state = read_trainer_state(last_good) if last_good is not None else None
     same_layout = state is not None and state["layout"] == this_layout
 
-    model, mpu = build_model(cfg, ds_config)
-    # Weights are loaded before the engine exists: DeepSpeed's optimizer copies the module's
-    # weights into its own (fp32, partitioned) master copies at initialisation, and a later
-    # write to the module would be overwritten by the first step.
-    resume_notes = []
+    resume_notes, weights = [], None
     if state is not None and not same_layout:
-        load_weights_only(model, last_good)
+        weights = last_good
         resume_notes.append(f"layout changed from {state['layout']} to {this_layout}: loaded the "
                             f"weights only; the optimizer state was dropped and the data stream "
                             f"starts afresh")
     elif state is None and cfg.train.init_from:
-        resume_notes.append(initialise_from(model, cfg))
-    engine = ds.initialize(model, build_optimizer(model, cfg), ds_config, mpu=mpu)
+        weights = init_from_weights(cfg)
+        resume_notes.append(f"initialised from the weights in {weights}")
+    engine = build_engine(cfg, ds_config, weights)
     if engine.dp_world_size != dp_size:
         raise RuntimeError(f"DeepSpeed sees data-parallel size {engine.dp_world_size}, the layout "
                            f"has {dp_size}: the engine was built without the right mpu")

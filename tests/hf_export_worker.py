@@ -32,7 +32,7 @@ from pretrain.config import RunConfig
 from pretrain.export_hf import export
 from pretrain.import_hf import import_release
 from pretrain.layout import engine_config, resolve_layout
-from pretrain.train import build_model, build_optimizer, initialise_from, micro_batch_loss
+from pretrain.train import build_engine, init_from_weights, micro_batch_loss
 
 MODEL = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
                     vocab_size=320, max_sequence_length=64)
@@ -55,13 +55,10 @@ def run_config(layout: str, tokenizer: Path, world: int) -> RunConfig:
     return cfg
 
 
-def build_engine(cfg: RunConfig, world: int):
-    """The trainer's sequence: model (TP shards, zero.Init), `train.init_from` weights, engine."""
-    ds_config = engine_config(cfg, resolve_layout(cfg, world))
-    model, mpu = build_model(cfg, ds_config)
-    if cfg.train.init_from:
-        initialise_from(model, cfg)
-    return ds.initialize(model, build_optimizer(model, cfg), ds_config, mpu=mpu)
+def engine_for(cfg: RunConfig, world: int):
+    """The trainer's engine for this layout, started from `train.init_from` when set."""
+    weights = init_from_weights(cfg) if cfg.train.init_from else None
+    return build_engine(cfg, engine_config(cfg, resolve_layout(cfg, world)), weights)
 
 
 @torch.no_grad()
@@ -74,7 +71,7 @@ def run_layout(out: Path, layout: str, tokenizer: Path, mask_id: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = run_config(layout, tokenizer, world)
     grid = coordinates(rank, world, cfg.parallel.tensor_parallel)
-    engine = build_engine(cfg, world)
+    engine = engine_for(cfg, world)
     data = torch.randint(0, mask_id, (STEPS, cfg.train.global_batch_size, SEQ),
                          generator=torch.Generator().manual_seed(len(layout)))
     for step in range(STEPS):
@@ -97,10 +94,10 @@ def run_layout(out: Path, layout: str, tokenizer: Path, mask_id: int) -> None:
         import_release(out / "hf_fp32", out / "imported")
     dist.barrier()
     restarted = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(out / "imported")))
-    report = {"import_logits_diff": after_a_still_step(build_engine(restarted, world), ids, trained, cfg,
+    report = {"import_logits_diff": after_a_still_step(engine_for(restarted, world), ids, trained, cfg,
                                                        data[0, :cfg.train.micro_batch_size], mask_id)}
     # control: weights written into the module after DeepSpeed made its master copies are lost
-    late = build_engine(cfg, world)
+    late = engine_for(cfg, world)
     load_weights_only(late.module, out / "imported")
     report["late_load_logits_diff"] = after_a_still_step(late, ids, trained, cfg,
                                                          data[0, :cfg.train.micro_batch_size], mask_id)
