@@ -10,7 +10,9 @@ checkpoints, export and import never rename. Layers come from a factory (`parall
 so the same module runs dense in one process or tensor-parallel; the module itself makes no
 parallelism decisions. Given targets it returns per-token cross-entropy through the head
 (chunked, vocabulary-parallel under TP) instead of logits, and it applies the configured
-activation checkpointing.
+activation checkpointing. For fast decoding it also runs with a KV cache (`past_key_values`,
+a `parallel.attention.KVCache`): a whole forward fills it, and a forward over a window of the
+sequence (`cache_position`) recomputes only the window against it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from parallel.attention import attention
+from parallel.attention import KVCache, attention
 from parallel.cross_entropy import chunked_token_cross_entropy
+from parallel.fused_ops import EAGER, PointwiseOps, pointwise_ops
 from parallel.layers import DenseLayers, TruncatedNormalInit
 from parallel.memory_plan import CHECKPOINTING
 from parallel.model_config import ModelConfig
@@ -32,20 +35,21 @@ from parallel.model_config import ModelConfig
 class RMSNorm(nn.Module):
     """Normalise in fp32, cast back to the input dtype, then multiply by the weight."""
 
+    pointwise: PointwiseOps = EAGER  # set by `use_pointwise`
+
     def __init__(self, d_model: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.pointwise.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding:
     """NeoX-style rotary embedding: dimension i rotates with dimension i + head_dim/2, in fp32."""
+
+    pointwise: PointwiseOps = EAGER  # set by `use_pointwise`
 
     def __init__(self, head_dim: int, theta: float):
         self.head_dim = head_dim
@@ -75,14 +79,13 @@ class RotaryEmbedding:
         else:
             angles = self._angles(positions)[:, :, None, :]
             cos, sin = angles.cos(), angles.sin()
-        x32 = x.float()
-        first, second = x32.chunk(2, dim=-1)
-        rotated_half = torch.cat((-second, first), dim=-1)
-        return (x32 * cos + rotated_half * sin).to(x.dtype)
+        return self.pointwise.rotary(x, cos, sin)
 
 
 class LLaDABlock(nn.Module):
     """Pre-norm attention and SwiGLU MLP with residuals; names as in the released blocks."""
+
+    pointwise: PointwiseOps = EAGER  # set by `use_pointwise`
 
     def __init__(self, config: ModelConfig, layers: DenseLayers, rope: RotaryEmbedding,
                  attention_backend: str, layer: int, init: TruncatedNormalInit | None):
@@ -110,20 +113,50 @@ class LLaDABlock(nn.Module):
         self.ff_out = layers.row(ffn, d, draw(ffn, depth_scaled=True))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """key_mask: None or bool [b, s], True at real keys; positions: None (0..s-1) or the
-        per-row RoPE positions [b, s]."""
+                positions: torch.Tensor | None = None, kv=None) -> torch.Tensor:
+        """key_mask: None or bool [b, keys], True at real keys; positions: None (0..s-1) or the
+        RoPE positions of x's rows [b or 1, s]; kv: None, or (keys, values) -> the (keys,
+        values) to attend to (a KV cache's `fill` or `window` for this layer)."""
         b, s, _ = x.shape
         hd = self.config.head_dim
         h = self.attn_norm(x)
         q = self.rope.apply(self.q_proj(h).view(b, s, self.local_heads, hd), positions)
         k = self.rope.apply(self.k_proj(h).view(b, s, self.local_kv_heads, hd), positions)
         v = self.v_proj(h).view(b, s, self.local_kv_heads, hd)
+        if kv is not None:
+            k, v = kv(k, v)
         a = attention(q, k, v, causal=self.config.causal, backend=self.attention_backend,
                       key_mask=key_mask)
         x = x + self.attn_out(a.reshape(b, s, self.local_heads * hd))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x + self.ff_out(self.pointwise.swiglu(self.ff_proj(h), self.up_proj(h)))
+
+
+def weight_init(config: ModelConfig, init_seed: int | None) -> TruncatedNormalInit | None:
+    """The draw every weight comes from, in construction order (None: weights to be loaded)."""
+    if init_seed is None:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return TruncatedNormalInit(torch.Generator(device=device).manual_seed(init_seed),
+                               config.init_cutoff_factor)
+
+
+# The pieces in construction order (embedding, blocks, final norm, head): the whole model below
+# and the pipeline stages of `parallel.pipeline` build them through these functions, so both
+# draw the same weights.
+
+def token_embedding(config: ModelConfig, layers: DenseLayers, init: TruncatedNormalInit | None) -> nn.Module:
+    return layers.embedding(config.vocab_size, config.d_model, init(config.d_model) if init else None)
+
+
+def final_norm(config: ModelConfig) -> RMSNorm:
+    return RMSNorm(config.d_model, config.rms_norm_eps)
+
+
+def lm_head(config: ModelConfig, layers: DenseLayers, init: TruncatedNormalInit | None,
+            loss_chunk_tokens: int) -> nn.Module:
+    d = config.d_model
+    return layers.head(d, config.vocab_size, init(d) if init else None, chunk_tokens=loss_chunk_tokens)
 
 
 class _Transformer(nn.Module):
@@ -131,15 +164,12 @@ class _Transformer(nn.Module):
                  init: TruncatedNormalInit | None, loss_chunk_tokens: int):
         super().__init__()
         rope = RotaryEmbedding(config.head_dim, config.rope_theta)
-        d = config.d_model
-        wte = layers.embedding(config.vocab_size, d, init(d) if init else None)
+        wte = token_embedding(config, layers, init)
         blocks = nn.ModuleList(LLaDABlock(config, layers, rope, attention_backend, i, init)
                                for i in range(config.n_layers))
-        self.transformer = nn.ModuleDict(dict(wte=wte, blocks=blocks,
-                                              ln_f=RMSNorm(d, config.rms_norm_eps)))
+        self.transformer = nn.ModuleDict(dict(wte=wte, blocks=blocks, ln_f=final_norm(config)))
         if not config.weight_tying:
-            self.transformer["ff_out"] = layers.head(d, config.vocab_size, init(d) if init else None,
-                                                     chunk_tokens=loss_chunk_tokens)
+            self.transformer["ff_out"] = lm_head(config, layers, init, loss_chunk_tokens)
 
 
 def _save_matmuls_and_attention(ctx, op, *args, **kwargs):
@@ -164,23 +194,55 @@ _EXPENSIVE_OPS = {
 }
 
 
+def use_pointwise(module: nn.Module, ops: PointwiseOps) -> None:
+    """Run the norms, RoPE and SwiGLU of every block and norm under `module` with `ops`."""
+    for m in module.modules():
+        if isinstance(m, (RMSNorm, LLaDABlock)):
+            m.pointwise = ops
+        if isinstance(m, LLaDABlock):
+            m.rope.pointwise = ops
+
+
+def run_block(block: nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None,
+              positions: torch.Tensor | None, activation_checkpointing: str) -> torch.Tensor:
+    """One block's forward under the configured activation checkpointing (none when no
+    gradient is recorded)."""
+    if activation_checkpointing == "none" or not torch.is_grad_enabled():
+        return block(x, key_mask, positions)
+    if activation_checkpointing == "full":
+        return checkpoint(block, x, key_mask, positions, use_reentrant=False)
+    return checkpoint(block, x, key_mask, positions, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts,
+                                                   _save_matmuls_and_attention))
+
+
 class LLaDAModel(nn.Module):
     """Token ids [b, s] -> fp32 logits [b, s, vocab], or per-token cross-entropy [b, s] when
     `targets` are given (through the chunked, possibly vocabulary-parallel head).
     `attention_mask` (None or [b, s], 1 at real tokens) is for batched inference over padded
     rows: each row's real tokens then compute what they compute alone.
 
+    KV cache (inference, bidirectional models, any tensor-parallel size): with `past_key_values`
+    an empty `KVCache`, a forward over the whole sequence also fills it with every layer's keys
+    and values (after RoPE). With a filled one, `input_ids` [b, w] are the positions
+    `cache_position` (consecutive, e.g. arange(start, start + w)) of that sequence: only they
+    are recomputed, at their absolute RoPE positions, attending to every position (cached keys
+    and values elsewhere, their own fresh ones, which replace the cached ones); the logits are
+    the window's [b, w, vocab], and `attention_mask` is still the whole sequence's [b, s].
+
     init_seed: weights drawn from a generator with this seed (the same weights at every
     tensor-parallel size); None leaves them to be loaded. After a forward with targets,
     `max_logit` holds the largest logit scored (this rank's vocabulary shard under TP). activation_checkpointing: "none",
     "full" (keep only each block's input) or "selective" (keep matmul and attention outputs,
     recompute norms, RoPE and activations). loss_chunk_tokens: positions per head chunk
-    (0: all at once).
+    (0: all at once). pointwise: "eager" or "compiled" (`parallel.fused_ops`: RMSNorm, RoPE and
+    SwiGLU each fused by torch.compile with dynamic shapes).
     """
 
     def __init__(self, config: ModelConfig, layers: DenseLayers | None = None,
                  attention_backend: str = "auto", init_seed: int | None = 0,
-                 activation_checkpointing: str = "none", loss_chunk_tokens: int = 0):
+                 activation_checkpointing: str = "none", loss_chunk_tokens: int = 0,
+                 pointwise: str = "eager"):
         super().__init__()
         problems = config.problems()
         if problems:
@@ -191,35 +253,40 @@ class LLaDAModel(nn.Module):
         self.config = config
         self.layers = layers or DenseLayers()
         self.activation_checkpointing = activation_checkpointing
-        init = None
-        if init_seed is not None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            generator = torch.Generator(device=device).manual_seed(init_seed)
-            init = TruncatedNormalInit(generator, config.init_cutoff_factor)
-        self.model = _Transformer(config, self.layers, attention_backend, init, loss_chunk_tokens)
+        self.model = _Transformer(config, self.layers, attention_backend,
+                                  weight_init(config, init_seed), loss_chunk_tokens)
+        use_pointwise(self, pointwise_ops(pointwise))
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer.blocks
 
+    def released_parameters(self):
+        """(released name, parameter) pairs: here the module's own names (a pipeline stage
+        set, `parallel.pipeline.LLaDAPipeline`, maps its names to these)."""
+        return self.named_parameters()
+
     def _run_block(self, block: nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None,
                    positions: torch.Tensor | None) -> torch.Tensor:
-        if self.activation_checkpointing == "none" or not torch.is_grad_enabled():
-            return block(x, key_mask, positions)
-        if self.activation_checkpointing == "full":
-            return checkpoint(block, x, key_mask, positions, use_reentrant=False)
-        return checkpoint(block, x, key_mask, positions, use_reentrant=False,
-                          context_fn=functools.partial(create_selective_checkpoint_contexts,
-                                                       _save_matmuls_and_attention))
+        return run_block(block, x, key_mask, positions, self.activation_checkpointing)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
         t = self.model.transformer
-        key_mask, positions = _padding(attention_mask, input_ids)
-        x = t.wte(input_ids)
-        for block in t.blocks:
-            x = self._run_block(block, x, key_mask, positions)
+        if past_key_values is None:
+            if cache_position is not None:
+                raise ValueError("cache_position places a window in a KV cache: pass past_key_values too")
+            key_mask, positions = _padding(attention_mask, input_ids.shape, input_ids.device)
+            x = t.wte(input_ids)
+            for block in t.blocks:
+                x = self._run_block(block, x, key_mask, positions)
+        else:
+            if targets is not None:
+                raise ValueError("a KV cache is for inference: pass targets or past_key_values, not both")
+            x = self._cached_blocks(input_ids, attention_mask, past_key_values, cache_position)
         x = t.ln_f(x)
         if self.config.weight_tying:
             logits_fn = functools.partial(F.linear, weight=t.wte.weight)
@@ -235,16 +302,62 @@ class LLaDAModel(nn.Module):
         self.max_logit = t.ff_out.max_logit
         return ce
 
+    def _cached_blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       cache: KVCache, cache_position: torch.Tensor | None) -> torch.Tensor:
+        """The blocks' output for input_ids, filling the cache (whole sequence) or reading it
+        (a window at cache_position)."""
+        if self.config.causal:
+            raise ValueError("the KV cache serves bidirectional denoising; the autoregressive "
+                             "baseline (model.causal) has none")
+        b, w = input_ids.shape
+        start = _window_start(cache, cache_position, input_ids)
+        length = w if start is None else cache.length
+        key_mask, positions = _padding(attention_mask, (b, length), input_ids.device)
+        if start is not None:
+            positions = (torch.arange(start, start + w, device=input_ids.device)[None] if positions is None
+                         else positions[:, start:start + w])
+        x = self.model.transformer.wte(input_ids)
+        for layer, block in enumerate(self.model.transformer.blocks):
+            kv = (functools.partial(cache.fill, layer) if start is None
+                  else functools.partial(cache.window, layer, start))
+            x = block(x, key_mask, positions, kv=kv)
+        return x
 
-def _padding(attention_mask: torch.Tensor | None, input_ids: torch.Tensor):
-    """attention_mask [b, s] (1 at real tokens) -> (key_mask, RoPE positions), both [b, s];
-    (None, None) when there is no padding, which leaves the unmasked computation untouched."""
+
+def _window_start(cache: KVCache, cache_position: torch.Tensor | None, input_ids: torch.Tensor) -> int | None:
+    """None for a whole forward that fills an empty cache; else the first position of the window
+    input_ids occupies in the cached sequence (checked: consecutive, inside it, same batch)."""
+    b, w = input_ids.shape
+    if len(cache) == 0:
+        if cache_position is not None and not torch.equal(
+                cache_position.cpu(), torch.arange(w)):
+            raise ValueError("an empty KV cache is filled by a forward over the whole sequence: "
+                             "pass cache_position=None (or arange(seq)) with it")
+        return None
+    if cache_position is None:
+        raise ValueError("past_key_values is already filled: pass cache_position (the window's "
+                         "positions) to recompute a window against it, or a new KVCache to refill it")
+    start = int(cache_position[0]) if cache_position.numel() else -1
+    if (cache_position.dim() != 1 or start < 0 or start + w > cache.length
+            or not torch.equal(cache_position.cpu(), torch.arange(start, start + w))):
+        raise ValueError(f"cache_position must be the {w} consecutive positions of input_ids inside the "
+                         f"cached sequence of {cache.length}, e.g. arange(start, start + {w})")
+    if cache.keys[0].shape[0] != b:
+        raise ValueError(f"the KV cache holds {cache.keys[0].shape[0]} rows, input_ids {b}: "
+                         f"a cache serves the batch that filled it")
+    return start
+
+
+def _padding(attention_mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device):
+    """attention_mask [b, s] (1 at real tokens) of a sequence of `shape` -> (key_mask, RoPE
+    positions), both [b, s]; (None, None) when there is no padding, which leaves the unmasked
+    computation untouched."""
     if attention_mask is None:
         return None, None
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must be [batch, seq] = {list(input_ids.shape)} with 1 "
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must be [batch, seq] = {list(shape)} with 1 "
                          f"at real tokens, got shape {list(attention_mask.shape)}")
-    real = attention_mask.to(input_ids.device).bool()
+    real = attention_mask.to(device).bool()
     empty = (~real.any(-1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"attention_mask row(s) {empty} have no real token")

@@ -26,11 +26,7 @@ def answer(model: InferenceModel, dialogue: list[dict], config, seed: int, turn:
     """The assistant's reply to `dialogue` (messages so far), without special tokens."""
     tok = model.tokenizer
     chat = ChatTemplate(tok)
-    ids = [chat.bos_id]
-    for message in dialogue:
-        ids += chat.message(message)
-    ids += chat.generation_prompt()
-    prompt = torch.tensor([ids], device=model.device)
+    prompt = torch.tensor([chat.prompt(dialogue)], device=model.device)
     sample = generate(model, prompt, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=chat.eot_id,
                       config=config, generator=keyed_generator(seed, "chat", turn, device=model.device))
     reply = strip_at_eos(sample.answers(tok.eos_id)[0], chat.eot_id)

@@ -12,7 +12,8 @@ plus the settings of its type (every one optional):
         mc_num (128), batch_size (min(16, mc_num); must divide mc_num), cfg_scale (0.0)
     generation       rows {"prompt": str, "answer": str}
         the sampler's fields (`pretrain.sampling.SamplerConfig`: steps, gen_length, block_length,
-        temperature, cfg_scale, remasking, logits_eos_inf, confidence_eos_eot, stop_at_eos),
+        temperature, cfg_scale, remasking, logits_eos_inf, confidence_eos_eot, stop_at_eos,
+        threshold, cache, cache_refresh_every),
         chat (false), stop ([]), extract (null | "number" | a regex with a group), batch_size (8)
 
 Multiple choice splits context and continuation as lm-eval's `_encode_pair` (which the official
@@ -36,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from pretrain.sampling import CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig
+from pretrain.sampling import CACHE_MODES, CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig
 
 TASK_TYPES = ("multiple_choice", "generation")
 COMMON_FIELDS = ("name", "type", "path")
@@ -81,7 +82,8 @@ class GenerationExample:
 def _sampler_fields() -> dict[str, tuple[Any, Any]]:
     kinds = {"steps": "posint", "gen_length": "posint", "block_length": "posint", "temperature": "nonneg",
              "cfg_scale": "nonneg", "remasking": REMASKING, "logits_eos_inf": "bool",
-             "confidence_eos_eot": CONFIDENCE_EOS_EOT, "stop_at_eos": "bool"}
+             "confidence_eos_eot": CONFIDENCE_EOS_EOT, "stop_at_eos": "bool", "threshold": "nonneg",
+             "cache": CACHE_MODES, "cache_refresh_every": "posint"}
     return {f.name: (kinds[f.name], f.default) for f in dataclasses.fields(SamplerConfig)}
 
 
@@ -151,7 +153,7 @@ def _task(raw: Any, position: int, where: Path, seen: set[str]) -> Task:
         expected = None if value is None and default is None else _check_value(value_kind, value)
         if expected:
             raise TaskFileError(f"{label}: field {key!r} is {value!r}; set it to {expected}")
-        settings[key] = float(value) if value_kind == "nonneg" else value
+        settings[key] = float(value) if value_kind == "nonneg" and value is not None else value
     if kind == "multiple_choice":
         if settings["batch_size"] is None:
             settings["batch_size"] = min(16, settings["mc_num"])

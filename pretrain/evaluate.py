@@ -53,9 +53,9 @@ class CountingModel:
         self.model = model
         self.forwards = 0
 
-    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **cache) -> torch.Tensor:
         self.forwards += 1
-        return self.model(ids, attention_mask=attention_mask)
+        return self.model(ids, attention_mask=attention_mask, **cache)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -111,7 +111,7 @@ def score_multiple_choice(model, task: Task, examples: list[ChoiceExample],
 def _prompt_ids(tok, task: Task, examples: list[GenerationExample]) -> list[list[int]]:
     if task.settings["chat"]:
         chat = ChatTemplate(tok)
-        return [[chat.bos_id, *chat.message({"role": "user", "content": e.prompt}), *chat.generation_prompt()]
+        return [chat.prompt([{"role": "user", "content": e.prompt}])
                 for e in examples]
     prompts = [tok.encode(e.prompt) for e in examples]
     for example, prompt in zip(examples, prompts):

@@ -8,7 +8,10 @@ template (for Instruct models). Every sampler option is a flag (see `pretrain/sa
 Prompts are batched (`--batch-size`), left-padded with an attention mask. Output: each prompt
 followed by its answer (cut at the first EOS), or with `--json` one JSON object per prompt (prompt ids,
 answer ids and text, the denoising steps its batch ran, and with `--reveal-steps` the step that
-revealed each generated token).
+revealed each generated token). Fast decoding (confidence threshold, block-wise KV cache:
+`--threshold`, `--cache`, `--cache-refresh-every`) is described in `pretrain/sampling.py`.
+`--denoising-html FILE` / `--denoising-png FILE` draw the first prompt's denoising: its answer
+with each token coloured by the step that revealed it (`pretrain/denoising_view.py`).
 
 Under a launcher (`torchrun --nproc_per_node N -m pretrain.generate ...` or `deepspeed`) the
 model is sharded (ZeRO-3 by default, `--tensor-parallel`), prompts are split over the
@@ -29,9 +32,10 @@ from data_pipeline.eval_sampler import gather_in_order, shard_examples
 from data_pipeline.seeding import keyed_generator
 from data_pipeline.sft import ChatTemplate
 from parallel import engine as ds
+from pretrain.denoising_view import DenoisingView, write_html, write_png
 from pretrain.inference import InferenceModel, load_model
-from pretrain.sampling import (CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig, all_ranks_agree, generate,
-                               left_pad, strip_at_eos)
+from pretrain.sampling import (CACHE_MODES, CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig, all_ranks_agree,
+                               generate, left_pad, strip_at_eos)
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +55,15 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
                              "both: EOS's and EoT's (the intended one)")
     parser.add_argument("--no-stop-at-eos", action="store_true",
                         help="run every step even when every answer has ended")
+    parser.add_argument("--threshold", type=float, default=d.threshold,
+                        help="parallel decoding: reveal every masked token of the block whose confidence "
+                             "is >= this (at least one per step; --steps is then unused)")
+    parser.add_argument("--cache", choices=CACHE_MODES, default=d.cache,
+                        help="block-wise approximate KV cache: prefix (prompt and finished blocks cached) "
+                             "or dual (everything outside the current block cached)")
+    parser.add_argument("--cache-refresh-every", type=int, default=d.cache_refresh_every,
+                        help="with --cache: also refresh it every N steps of a block (default: at each "
+                             "block's start only; 1: every step, exact)")
     parser.add_argument("--seed", type=int, default=0, help="seeds temperature and random remasking")
 
 
@@ -69,7 +82,8 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
     config = SamplerConfig(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                            temperature=args.temperature, cfg_scale=args.cfg_scale,
                            remasking=args.remasking, logits_eos_inf=args.logits_eos_inf,
-                           confidence_eos_eot=args.confidence_eos_eot, stop_at_eos=not args.no_stop_at_eos)
+                           confidence_eos_eot=args.confidence_eos_eot, stop_at_eos=not args.no_stop_at_eos,
+                           threshold=args.threshold, cache=args.cache, cache_refresh_every=args.cache_refresh_every)
     problems = config.problems()
     if problems:
         raise SystemExit("generate: " + "; ".join(problems))
@@ -123,8 +137,7 @@ def read_prompts(args: argparse.Namespace, model: InferenceModel) -> list[list[i
             texts.extend(lines)
     if args.chat:
         chat = ChatTemplate(tok)
-        prompts = [[chat.bos_id, *chat.message({"role": "user", "content": t}), *chat.generation_prompt()]
-                   for t in texts]
+        prompts = [chat.prompt([{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tok.encode(t) for t in texts]
     if args.prompt_ids:
@@ -139,23 +152,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="one prompt per line, or .jsonl with a 'prompt' field")
     parser.add_argument("--prompt-ids", help="a prompt as comma-separated token ids")
-    parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap prompts in the chat template; answers end at the first EoT")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
     parser.add_argument("--reveal-steps", action="store_true", help="with --json: the reveal step of each token")
+    parser.add_argument("--denoising-html", metavar="FILE", help="the first prompt's denoising as an HTML page")
+    parser.add_argument("--denoising-png", metavar="FILE", help="the first prompt's denoising as a PNG")
     add_model_flags(parser)
     add_sampler_flags(parser)
     args = parser.parse_args(argv)
     config = sampler_config(args)
     model = open_model(args)
     prompts = read_prompts(args, model)
-    results = sample_prompts(model, prompts, config, args.batch_size, key=(args.seed, "generate"))
+    results = sample_prompts(model, prompts, config, args.batch_size, key=(args.seed, "generate"),
+                             cut_at_eot=args.chat)
     if not model.distributed:
         print_results(model.tokenizer, prompts, results, args)
+        draw_denoising(model.tokenizer, prompts[0], results[0], args)
         return 0
     if torch.distributed.get_rank() == 0:
         print_results(model.tokenizer, prompts, results, args)
+        draw_denoising(model.tokenizer, prompts[0], results[0], args)
     ds.exit_together(0)
+
+
+def draw_denoising(tok, prompt: list[int], result: dict, args: argparse.Namespace) -> None:
+    """The requested pictures of one prompt's denoising."""
+    if not (args.denoising_html or args.denoising_png):
+        return
+    view = DenoisingView.of(tok, prompt, result["ids"], result["reveal_steps"], result["steps_run"])
+    for path, write in ((args.denoising_html, write_html), (args.denoising_png, write_png)):
+        if path:
+            print(f"denoising of prompt 0 written to {write(view, path)}", file=sys.stderr, flush=True)
 
 
 def print_results(tok, prompts: list[list[int]], results: list[dict], args: argparse.Namespace) -> None:

@@ -48,8 +48,9 @@ class InferenceModel:
         return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.module(ids.to(self.device), attention_mask=attention_mask)
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **cache) -> torch.Tensor:
+        """cache: the KV-cache arguments of `LLaDAModel.forward` (fast decoding), passed through."""
+        return self.module(ids.to(self.device), attention_mask=attention_mask, **cache)
 
 
 def _device() -> torch.device:

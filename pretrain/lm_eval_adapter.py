@@ -22,8 +22,8 @@ model_args: `model` (the directory), `dtype` (auto|bf16|fp32), `tensor_parallel`
 forward, the official `batch_size`; lm-eval's own `--batch_size` is always passed, so it is the
 number of prompts per sampler batch here), `cfg_scale` (also used by the sampler),
 `check_greedy` (False), `seed` (0); sampler: `steps`, `gen_length`, `block_length`,
-`temperature`, `remasking`, `logits_eos_inf`, `confidence_eos_eot`, `stop_at_eos` (defaults of
-`SamplerConfig`). A request's generation kwargs other than `until` and `max_gen_toks` are ignored.
+`temperature`, `remasking`, `logits_eos_inf`, `confidence_eos_eot`, `stop_at_eos`, and fast
+decoding's `threshold`, `cache`, `cache_refresh_every` (defaults of `SamplerConfig`). A request's generation kwargs other than `until` and `max_gen_toks` are ignored.
 
 - loglikelihood: the official split (trailing whitespace of the context moves to the
   continuation; the continuation's ids are those of context + continuation after the context's
@@ -111,9 +111,9 @@ class LLaDAStackLM(LM):
 
     # -- the model, counted: every forward is a collective under ZeRO-3 / TP -----------------
 
-    def _logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **cache) -> torch.Tensor:
         self._forwards += 1
-        return self.model(ids, attention_mask=attention_mask)
+        return self.model(ids, attention_mask=attention_mask, **cache)
 
     def _even_out_forwards(self) -> None:
         """Dummy forwards until this rank has made as many as the busiest rank."""

@@ -27,8 +27,35 @@ output is the same. A batch stops early once every row has revealed an EOS with 
 before it (its output, cut at the first EOS, is then final); `agree` makes that decision
 collective, so ranks running the model under ZeRO-3 / TP do the same number of forwards.
 
+Fast decoding (Fast-dLLM, Wu et al. 2025), training-free and off by default:
+- `threshold`: confidence-threshold parallel decoding. Each step reveals every masked position
+  of the current block whose confidence (the float64 softmax probability of the prediction,
+  after the same temperature / Gumbel and EOS/EoT handling as the exact path) is >= threshold
+  (Fast-dLLM's convention: it keeps the top-ranked positions unless their confidence is below
+  the threshold), and always the single most confident one. A block ends when it has no mask
+  left (in every row, and under `agree` on every rank), so the steps per block vary and `steps`
+  is not used. The mask token is never predicted (a "revealed" mask would keep the block from
+  ending; the exact path, like the official code, does not exclude it, and a trained model
+  never predicts it). Needs low_confidence remasking.
+- `cache`: the block-wise approximate KV cache. At the first step of every block (and every
+  `cache_refresh_every` steps of it) one forward over the whole sequence gives that step's
+  logits and every layer's keys and values; the other steps recompute only a window against
+  them: "prefix" the block and everything after it (the prompt and finished blocks are cached),
+  "dual" the block alone (everything else cached). The cached entries of positions outside the
+  window go stale as the block fills in (their deeper layers saw masks), which is the
+  approximation; positions keep their absolute RoPE positions. With temperature > 0 the Gumbel
+  noise of a window step covers the window only, so seeded draws differ from the exact path's.
+Both decode generated blocks only, so they refuse prompts that contain the mask token (infilling
+needs the exact schedule). With threshold 1.0 (one token per step unless a probability is
+exactly 1.0), steps == gen_length and a cache refreshed every step, the output equals the exact
+path's token for token. `Sample.reveal_step` and `steps_run` are recorded as on the exact path.
+
 `model_fn(ids, attention_mask=None)` is any callable returning logits [b, s, vocab]: the
-training model in any layout, or an exported Hugging Face model behind a wrapper.
+training model in any layout, or an exported Hugging Face model behind a wrapper. With a cache
+it is also called as `model_fn(ids, attention_mask=..., past_key_values=cache)` (a whole forward
+filling an empty `parallel.attention.KVCache`) and `model_fn(window_ids, attention_mask=...,
+past_key_values=cache, cache_position=arange(start, end))` (the window's logits [b, w, vocab]),
+as `parallel.model.LLaDAModel` and the exported `LLaDAModelLM` take them.
 """
 
 from __future__ import annotations
@@ -39,9 +66,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from parallel.attention import KVCache
+
 LogitsFn = Callable[..., torch.Tensor]
 REMASKING = ("low_confidence", "random")
 CONFIDENCE_EOS_EOT = ("off", "official", "both")
+CACHE_MODES = ("none", "prefix", "dual")
 
 
 @dataclass(frozen=True)
@@ -55,16 +85,34 @@ class SamplerConfig:
     logits_eos_inf: bool = False
     confidence_eos_eot: str = "off"
     stop_at_eos: bool = True
+    threshold: float | None = None          # None: the exact schedule of `steps`
+    cache: str = "none"                     # "none", "prefix" or "dual"
+    cache_refresh_every: int | None = None  # None: refresh at the start of each block only
 
     def problems(self) -> list[str]:
         out = []
-        if min(self.steps, self.gen_length, self.block_length) <= 0:
+        if min(self.gen_length, self.block_length) <= 0 or (self.threshold is None and self.steps <= 0):
             out.append("steps, gen_length and block_length must be positive")
         elif self.gen_length % self.block_length:
             out.append(f"block_length {self.block_length} must divide gen_length {self.gen_length}")
-        elif self.steps % (self.gen_length // self.block_length):
+        elif self.threshold is None and self.steps % (self.gen_length // self.block_length):
             out.append(f"steps {self.steps} must be a multiple of the number of blocks "
                        f"{self.gen_length // self.block_length} (gen_length / block_length)")
+        if self.threshold is not None:
+            if not 0 < self.threshold <= 1:
+                out.append(f"threshold {self.threshold} must be in (0, 1] (a probability), or None for "
+                           f"the exact schedule")
+            if self.remasking != "low_confidence":
+                out.append("threshold needs remasking 'low_confidence' (random remasking has no "
+                           "confidence to compare)")
+        if self.cache not in CACHE_MODES:
+            out.append(f"cache {self.cache!r} is not one of {', '.join(CACHE_MODES)}")
+        if self.cache_refresh_every is not None:
+            if self.cache == "none":
+                out.append("cache_refresh_every needs a cache: set cache to 'prefix' or 'dual', or "
+                           "cache_refresh_every to None")
+            elif self.cache_refresh_every < 1:
+                out.append(f"cache_refresh_every {self.cache_refresh_every} must be >= 1 (1: every step)")
         if self.temperature < 0 or self.cfg_scale < 0:
             out.append("temperature and cfg_scale must be >= 0")
         if self.remasking not in REMASKING:
@@ -119,14 +167,45 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
 
 
 def _predict(model_fn: LogitsFn, x: torch.Tensor, attention_mask: torch.Tensor | None,
-             prompt_index: torch.Tensor, mask_id: int, cfg_scale: float) -> torch.Tensor:
-    """Logits of the current sequence, guided by the fully masked prompt when cfg_scale > 0."""
+             prompt_index: torch.Tensor, mask_id: int, cfg_scale: float, **cache) -> torch.Tensor:
+    """Logits of x (the sequence, or a window of it under a cache), guided by the fully masked
+    prompt when cfg_scale > 0 (the guided batch is [x; unconditional], cached as one batch)."""
     if cfg_scale == 0:
-        return model_fn(x, attention_mask=attention_mask)
+        return model_fn(x, attention_mask=attention_mask, **cache)
     unconditional = x.masked_fill(prompt_index, mask_id)
     both_masks = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    logits, un_logits = model_fn(torch.cat([x, unconditional]), attention_mask=both_masks).chunk(2)
+    logits, un_logits = model_fn(torch.cat([x, unconditional]), attention_mask=both_masks, **cache).chunk(2)
     return un_logits + (cfg_scale + 1) * (logits - un_logits)
+
+
+class _StepLogits:
+    """Each step's logits: of the whole sequence without a cache; with one, of the whole sequence
+    at a refresh (filling a new cache) and of a window (from the block's start to its end, or to
+    the sequence's end for "prefix") at the other steps."""
+
+    def __init__(self, model_fn: LogitsFn, config: SamplerConfig, attention_mask: torch.Tensor | None,
+                 prompt_index: torch.Tensor, mask_id: int):
+        self.model_fn, self.config, self.attention_mask = model_fn, config, attention_mask
+        self.prompt_index, self.mask_id = prompt_index, mask_id
+        self.cache: KVCache | None = None
+
+    def __call__(self, x: torch.Tensor, step_in_block: int, start: int, end: int) -> tuple[int, torch.Tensor]:
+        """(first position the logits cover, logits [b, positions, vocab])."""
+        c = self.config
+        if c.cache == "none":
+            return 0, self._predict(x, self.prompt_index)
+        every = c.cache_refresh_every
+        if step_in_block == 0 or (every is not None and step_in_block % every == 0):
+            self.cache = KVCache()
+            return 0, self._predict(x, self.prompt_index, past_key_values=self.cache)
+        stop = end if c.cache == "dual" else x.shape[1]
+        return start, self._predict(x[:, start:stop], self.prompt_index[:, start:stop],
+                                    past_key_values=self.cache,
+                                    cache_position=torch.arange(start, stop, device=x.device))
+
+    def _predict(self, ids: torch.Tensor, prompt_index: torch.Tensor, **cache) -> torch.Tensor:
+        return _predict(self.model_fn, ids, self.attention_mask, prompt_index, self.mask_id,
+                        self.config.cfg_scale, **cache)
 
 
 def _finished(x: torch.Tensor, prompt_length: int, mask_id: int, eos_id: int) -> bool:
@@ -145,13 +224,18 @@ def generate(model_fn: LogitsFn, prompt: torch.Tensor, *, mask_id: int, eos_id: 
              agree: Callable[[bool], bool] = lambda done: done) -> Sample:
     """prompt [b, p] (left-padded when `attention_mask` [b, p] is given) -> Sample.
 
-    agree: turns this process's "every row is finished" into the decision all processes that
-    share the model take (under ZeRO-3 / TP: `all_ranks_agree`)."""
+    agree: turns this process's "every row is finished" (and, with a threshold, "the block has no
+    mask left") into the decision all processes that share the model take (under ZeRO-3 / TP:
+    `all_ranks_agree`)."""
     problems = config.problems()
     if problems:
         raise ValueError("sampler: " + "; ".join(problems))
     c = config
     b, p = prompt.shape
+    if (c.threshold is not None or c.cache != "none") and bool((prompt == mask_id).any()):
+        raise ValueError("sampler: the prompt contains the mask token; threshold decoding and the KV cache "
+                         "decode the generated blocks only: use threshold=None and cache='none' to fill "
+                         "masks inside a prompt")
     x = torch.full((b, p + c.gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :p] = prompt
     if attention_mask is not None:
@@ -161,16 +245,23 @@ def generate(model_fn: LogitsFn, prompt: torch.Tensor, *, mask_id: int, eos_id: 
     num_blocks = c.gen_length // c.block_length
     steps_per_block = c.steps // num_blocks
     draws_noise = c.temperature > 0 or c.remasking == "random"
+    step_logits = _StepLogits(model_fn, c, attention_mask, prompt_index, mask_id)
     step = 0
     for block in range(num_blocks):
-        end = p + (block + 1) * c.block_length
-        counts = transfer_counts((x[:, end - c.block_length:end] == mask_id).sum(dim=1), steps_per_block)
-        for i in range(steps_per_block):
-            mask_index = x == mask_id
-            logits = _predict(model_fn, x, attention_mask, prompt_index, mask_id, c.cfg_scale).double()
+        start, end = p + block * c.block_length, p + (block + 1) * c.block_length
+        if c.threshold is None:
+            counts = transfer_counts((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)
+        i = 0
+        while True:
+            first, logits = step_logits(x, i, start, end)
+            logits = logits.double()
+            seen = x[:, first:first + logits.shape[1]]
+            mask_index = seen == mask_id
             if c.logits_eos_inf:
                 logits[:, :, eos_id] = -torch.inf
             scores = gumbel_perturbed(logits, c.temperature, generator) if draws_noise else logits
+            if c.threshold is not None:  # a revealed mask would stay masked: the block could never end
+                scores = scores.index_fill(-1, torch.tensor([mask_id], device=x.device), -torch.inf)
             predicted = scores.argmax(dim=-1)
             if c.remasking == "low_confidence":
                 if c.confidence_eos_eot != "off":
@@ -179,17 +270,27 @@ def generate(model_fn: LogitsFn, prompt: torch.Tensor, *, mask_id: int, eos_id: 
                 confidence = F.softmax(logits, dim=-1).gather(-1, predicted[..., None]).squeeze(-1)
             else:
                 confidence = torch.rand(predicted.shape, generator=generator, device=x.device)
-            confidence[:, end:] = -torch.inf
-            predicted = torch.where(mask_index, predicted, x)
+            confidence[:, end - first:] = -torch.inf
+            predicted = torch.where(mask_index, predicted, seen)
             confidence = torch.where(mask_index, confidence, -torch.inf)
             for row in range(b):
-                chosen = torch.topk(confidence[row], k=int(counts[row, i])).indices
-                x[row, chosen] = predicted[row, chosen]
-                newly = chosen[(chosen >= p) & mask_index[row, chosen]]
+                if c.threshold is None:
+                    chosen = torch.topk(confidence[row], k=int(counts[row, i])).indices
+                elif bool(mask_index[row, start - first:end - first].any()):
+                    chosen = torch.cat([torch.topk(confidence[row], k=1).indices,
+                                        (confidence[row] >= c.threshold).nonzero().flatten()]).unique()
+                else:
+                    continue
+                x[row, first + chosen] = predicted[row, chosen]
+                newly = first + chosen[(first + chosen >= p) & mask_index[row, chosen]]
                 reveal_step[row, newly - p] = step
             step += 1
+            i += 1
             if c.stop_at_eos and agree(_finished(x, p, mask_id, eos_id)):
                 return Sample(x, reveal_step, p, step)
+            if (i == steps_per_block if c.threshold is None
+                    else agree(not bool((x[:, start:end] == mask_id).any()))):
+                break
     return Sample(x, reveal_step, p, step)
 
 

@@ -7,6 +7,12 @@
 - Prompt sources (--prompt, --prompts-file, .jsonl, --prompt-ids, --chat) and their errors.
 - chat keeps earlier turns, renders them through the chat template, and strips EOS/EoT
   between turns.
+- Fast decoding flags: `--threshold`, `--cache`, `--cache-refresh-every` give what the sampler
+  gives with those settings (threshold decoding with fewer forwards; the block-start cache other
+  tokens than exact decoding; a cache refreshed every step exact decoding's tokens), and 4 ranks
+  (tensor parallel 2 x data parallel 2 under ZeRO-3: per-rank heads in the cache, batches whose
+  blocks end at different steps) give the single process's answers. `--denoising-html` /
+  `--denoising-png` draw the first prompt's answer with its reveal steps.
 """
 
 import io
@@ -20,7 +26,10 @@ import torch
 
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain import chat, generate as generate_cli
+from pretrain.denoising_view import DenoisingView, to_html
 from pretrain.export_hf import export
+from pretrain.inference import load_model
+from pretrain.sampling import SamplerConfig, generate
 from test_parallel import free_port
 from tiny_checkpoints import eos_ending_checkpoint
 
@@ -112,3 +121,46 @@ def test_chat_keeps_the_dialogue_and_strips_eos_between_turns(checkpoint, monkey
     assert second.count(eot) == first.count(eot) + 2  # the first answer and the second question
     assert tok.eos_id not in second  # no EOS inside the dialogue
     assert after_reset.count(eot) == first.count(eot) == 2  # back to the system message and one question
+
+
+def test_fast_decoding_flags_and_denoising_pictures(checkpoint, capsys, tmp_path):
+    prompts = ["x = 1", "class Decoder:"]
+    base = ["--model", str(checkpoint), "--prompt", prompts[0], "--prompt", prompts[1], "--steps", "16",
+            "--gen-length", "16", "--block-length", "8", "--batch-size", "1", "--no-stop-at-eos", "--json",
+            "--reveal-steps"]
+
+    def answers(*flags):
+        assert generate_cli.main(base + list(flags)) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    exact = answers()
+    assert answers("--cache", "dual", "--cache-refresh-every", "1") == exact
+    fast = answers("--threshold", "0.05", "--cache", "prefix", "--denoising-html", str(tmp_path / "d.html"),
+                   "--denoising-png", str(tmp_path / "d.png"))
+    assert fast[1]["steps_run"] < exact[1]["steps_run"] == 16  # several tokens per step
+    model = load_model(checkpoint)
+    tok = model.tokenizer
+    config = SamplerConfig(steps=16, gen_length=16, block_length=8, stop_at_eos=False, cache="dual")
+    direct = generate(model, torch.tensor([tok.encode(prompts[0])]), mask_id=tok.mask_id, eos_id=tok.eos_id,
+                      eot_id=tok.special_ids["eot"], config=config)
+    assert answers("--cache", "dual")[0]["ids"] == direct.answers(tok.eos_id)[0] != exact[0]["ids"]
+    page = (tmp_path / "d.html").read_text(encoding="utf-8")
+    view = DenoisingView.of(tok, tok.encode(prompts[0]), fast[0]["ids"], fast[0]["reveal_steps"], 16)
+    assert page == to_html(view) and len(view.pieces) > 0  # prompt 0's answer, its reveal steps
+    assert f'title="step {fast[0]["reveal_steps"][0]}"' in page and "x = 1" in page
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="cache_refresh_every needs a cache"):
+        generate_cli.main(base + ["--cache-refresh-every", "2"])
+
+
+def test_fast_decoding_on_tensor_and_zero3_data_parallel_ranks(checkpoint, subprocess_env):
+    args = ["--model", str(checkpoint), "--prompts-file", str(checkpoint.parent / "prompts.txt"), *SAMPLER,
+            "--threshold", "0.05", "--cache", "dual", "--json", "--reveal-steps"]
+    single = run_generate(args, subprocess_env)
+    steps = [r["steps_run"] for r in single]
+    assert len(set(steps)) >= 3, steps  # premise: batches (and their blocks) end at different steps
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())]
+    four = run_generate(args + ["--tensor-parallel", "2", "--zero-stage", "3"], subprocess_env, launcher)
+    without_steps = lambda records: [{k: v for k, v in r.items() if k != "steps_run"} for r in records]  # noqa: E731
+    assert without_steps(four) == without_steps(single)

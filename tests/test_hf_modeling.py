@@ -5,7 +5,11 @@ training stack runs it, so its mistakes would show only after export: here it lo
 model's state dict by name (strict), must give the same logits in fp32 and bf16, must make a
 left-padded batch give each row what the row gives alone, must really recompute blocks under
 transformers' gradient checkpointing, must refuse what it does not implement, and its config
-must read and write every field of the released LLaDA-8B config.json.
+must read and write every field of the released LLaDA-8B config.json. Its KV cache (fast
+decoding): a window computed against a cache of the same sequence gives the whole forward's
+logits and the training model's cached logits (a foreign cache moves them: control), and the
+sampler through it gives its uncached tokens when refreshed every step and the training
+model's tokens when refreshed at block starts.
 """
 
 import copy
@@ -15,10 +19,12 @@ import warnings
 import pytest
 import torch
 
+from parallel.attention import KVCache
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from pretrain.hf_modeling.configuration_llada import LLaDAConfig
-from pretrain.hf_modeling.modeling_llada import LLaDAModelLM
+from pretrain.hf_modeling.modeling_llada import LLaDAKVCache, LLaDAModelLM
+from pretrain.sampling import SamplerConfig, generate
 
 # Grouped-query (2 query heads per KV head) and a non-default theta, so a hard-coded one shows.
 SHAPE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
@@ -260,8 +266,16 @@ def test_labels_cache_and_unknown_arguments_are_refused():
     ids = _ids(1, 4)
     with pytest.raises(ValueError, match="training stack"):
         hf(ids, labels=ids)
-    with pytest.raises(ValueError, match="no KV cache"):
+    with pytest.raises(ValueError, match="past_key_values must be an LLaDAKVCache"):
         hf(ids, past_key_values=())
+    with pytest.raises(ValueError, match="pass past_key_values too"):
+        hf(ids, cache_position=torch.arange(4))
+    with torch.no_grad():
+        cache = hf(ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="already filled: pass cache_position"):
+            hf(ids, past_key_values=cache)
+        with pytest.raises(ValueError, match="consecutive positions"):
+            hf(ids[:, :2], past_key_values=cache, cache_position=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="exactly one"):
         hf(ids, inputs_embeds=hf.get_input_embeddings()(ids))
     with pytest.raises(ValueError, match="position_ids"):
@@ -303,3 +317,52 @@ def test_fresh_model_initialisation():
     assert torch.equal(t.ln_f.weight, torch.ones(SHAPE["d_model"]))
     assert abs(t.wte.weight.std().item() - 0.05) < 0.005
     assert abs(t.blocks[0].ff_proj.weight.std().item() - 0.05) < 0.005
+
+
+# ---------------------------------------------------------------------------------------------
+# g. The KV cache of fast decoding
+# ---------------------------------------------------------------------------------------------
+def test_cached_windows_equal_the_whole_forward_and_the_training_model():
+    ref, hf = _pair()
+    ids = _ids(2, 20, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    other = ids.clone()
+    other[:, 4:6] = _ids(2, 2, seed=7)
+    with torch.no_grad():
+        whole = hf(ids, attention_mask=mask).logits
+        out = hf(ids, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values
+        assert isinstance(cache, LLaDAKVCache) and len(cache) == 2 and cache.length == 20
+        torch.testing.assert_close(out.logits, whole, atol=0, rtol=0)
+        window = hf(ids[:, 8:12], attention_mask=mask, past_key_values=cache,
+                    cache_position=torch.arange(8, 12)).logits
+        torch.testing.assert_close(window, whole[:, 8:12], atol=1e-5, rtol=1e-5)
+        training_cache = KVCache()
+        ref(ids, attention_mask=mask, past_key_values=training_cache)
+        training = ref(ids[:, 8:12], attention_mask=mask, past_key_values=training_cache,
+                       cache_position=torch.arange(8, 12))
+        torch.testing.assert_close(window, training, atol=1e-5, rtol=1e-5)
+        foreign = hf(other, attention_mask=mask, use_cache=True).past_key_values  # control
+        moved = hf(ids[:, 8:12], attention_mask=mask, past_key_values=foreign,
+                   cache_position=torch.arange(8, 12)).logits
+        assert (moved - whole[:, 8:12]).abs().max().item() > 0.1
+        as_tuple = hf(ids, use_cache=True, return_dict=False)
+        assert len(as_tuple) == 2 and isinstance(as_tuple[1], LLaDAKVCache)
+
+
+def test_sampling_through_the_cache():
+    ref, hf = _pair()
+    logits = lambda ids, **cache: hf(ids, **cache).logits  # noqa: E731
+    prompt = torch.randint(2, SHAPE["vocab_size"] - 1, (2, 6), generator=torch.Generator().manual_seed(8))
+    ids = dict(mask_id=SHAPE["vocab_size"] - 1, eos_id=1, eot_id=0)
+    exact = SamplerConfig(steps=16, gen_length=16, block_length=4, stop_at_eos=False)
+    # (no threshold: this random model predicts the mask token, which threshold decoding never does)
+    refreshed = SamplerConfig(**{**exact.__dict__, "cache": "dual", "cache_refresh_every": 1})
+    block_starts = SamplerConfig(**{**exact.__dict__, "cache": "dual"})
+    with torch.no_grad():
+        a, b = (generate(logits, prompt, config=c, **ids) for c in (exact, refreshed))
+        c, d = (generate(m, prompt, config=block_starts, **ids) for m in (logits, ref))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.reveal_step, b.reveal_step)
+    assert torch.equal(c.ids, d.ids) and torch.equal(c.reveal_step, d.reveal_step)
+    assert not torch.equal(a.ids, c.ids)  # premise: the block-start cache is an approximation here

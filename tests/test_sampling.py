@@ -8,11 +8,17 @@
 - The per-block transfer-count schedule; nothing beyond the current block is revealed;
   temperature 0 is deterministic; cfg 0 is the cfg formula at 0; stopping at EOS changes no
   answer; left-padded batches on the training model give each row its tokens alone.
+- Threshold decoding reproduces an independent transcription of Fast-dLLM's
+  (`fast_dllm_reference.py`: tokens, reveal steps, forwards), greedy and with temperature, on
+  the toy model with its mask logit at -inf (Fast-dLLM's loop never ends when the mask token is
+  predicted; the sampler never predicts it there, checked on the plain toy); threshold 1.0
+  with one token per step is the exact schedule. (Caches: `test_fast_decoding.py`.)
 """
 
 import pytest
 import torch
 
+from fast_dllm_reference import fast_dllm_threshold_generate
 from official_reverse_process import official_generate
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
@@ -161,3 +167,37 @@ def test_left_padded_batch_gives_each_row_its_tokens_alone():
         assert batched.reveal_step[row].tolist() == alone.reveal_step[0].tolist(), row
     unmasked = generate(model, ids, mask_id=MASK, eos_id=EOS, eot_id=EOT, config=config)  # control
     assert unmasked.ids[1:, ids.shape[1]:].tolist() != batched.ids[1:, ids.shape[1]:].tolist()
+
+
+def toy_without_mask(x, attention_mask=None):
+    """The toy model never predicting the mask token, as a trained model never does."""
+    return toy(x).index_fill(-1, torch.tensor([MASK]), -torch.inf)
+
+
+@pytest.mark.parametrize("threshold, temperature", [(0.5, 0.0), (0.2, 0.7)])
+def test_threshold_decoding_equals_fast_dllm(threshold, temperature):
+    torch.manual_seed(7)
+    x, reveal, forwards = fast_dllm_threshold_generate(toy_without_mask, PROMPT, 12, 6, threshold,
+                                                       temperature=temperature, mask_id=MASK)
+    config = SamplerConfig(gen_length=12, block_length=6, threshold=threshold, temperature=temperature,
+                           stop_at_eos=False)
+    sample = generate(toy_without_mask, PROMPT, mask_id=MASK, eos_id=EOS, eot_id=EOT, config=config,
+                      generator=torch.Generator().manual_seed(7))
+    assert sample.ids.tolist() == x.tolist() and sample.reveal_step.tolist() == reveal.tolist()
+    assert sample.steps_run == forwards < 12  # premise: some steps revealed several tokens
+    assert 1 in [(reveal[0] == step).sum().item() for step in range(forwards)]  # and some only one
+
+
+def test_threshold_one_with_one_token_per_step_is_the_exact_schedule():
+    exact = SamplerConfig(steps=12, gen_length=12, block_length=6, stop_at_eos=False)
+    a = generate(toy_without_mask, PROMPT, mask_id=MASK, eos_id=EOS, eot_id=EOT, config=exact)
+    b = generate(toy_without_mask, PROMPT, mask_id=MASK, eos_id=EOS, eot_id=EOT,
+                 config=SamplerConfig(**{**exact.__dict__, "threshold": 1.0}))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.reveal_step, b.reveal_step) and a.steps_run == b.steps_run
+
+
+def test_threshold_decoding_never_predicts_the_mask_token():
+    assert (toy(torch.tensor([[MASK] * 12])).argmax(-1) == MASK).any()  # premise: the plain toy would
+    sample = generate(toy, PROMPT, mask_id=MASK, eos_id=EOS, eot_id=EOT,
+                      config=SamplerConfig(gen_length=12, block_length=6, threshold=0.5, stop_at_eos=False))
+    assert not bool((sample.ids == MASK).any()) and sample.steps_run <= 12

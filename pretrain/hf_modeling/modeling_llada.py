@@ -9,7 +9,28 @@ left-padded batched inference (padding keys are hidden and each row's RoPE posit
 its first real token) and supports transformers' gradient checkpointing. It returns logits
 only: the masked diffusion loss and sampling live in the training stack. Works with
 transformers 4.46 through 5.x.
+
+KV cache for fast decoding (Fast-dLLM's block-wise approximate cache). Attention is
+bidirectional, so a cache does not grow token by token as for an autoregressive model: it
+holds every layer's keys and values (after RoPE) of the whole sequence, and a later call
+recomputes a window of positions against it.
+
+    out = model(ids, attention_mask=mask, use_cache=True)     # whole sequence [b, s]
+    cache = out.past_key_values                                # an LLaDAKVCache
+    out = model(ids[:, start:end], attention_mask=mask,        # mask: still the whole [b, s]
+                past_key_values=cache, cache_position=torch.arange(start, end))
+    out.logits                                                 # [b, end - start, vocab]
+
+The window's positions keep their absolute RoPE positions and attend to every position: to
+the cached keys and values outside the window and to their own fresh ones, which replace the
+cached ones. Positions outside the window are not recomputed, so their entries are stale once
+the tokens they attended to change: that is the approximation; refresh with a new cache
+(`use_cache=True`, or `past_key_values=LLaDAKVCache()`) and a whole forward. The cache is not
+transformers' `Cache` class and does not serve `generate()`: sample with the masked diffusion
+sampler (the training stack's `pretrain.sampling`, or Fast-dLLM-style loops).
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +57,39 @@ _SUPPORTED = {
     "multi_query_attention": (False, None),
     "block_group_size": (1,),
 }
+
+
+class LLaDAKVCache:
+    """Each layer's keys and values of the whole sequence, after RoPE: [b, s, kv_heads, head_dim].
+
+    Filled by a forward over the whole sequence (`fill`, layer by layer); a forward over a window
+    writes the window's fresh entries into it and attends to the whole (`window`). Inference
+    only (in-place writes)."""
+
+    def __init__(self):
+        self.keys = []
+        self.values = []
+
+    def __len__(self):
+        return len(self.keys)
+
+    @property
+    def length(self):
+        return self.keys[0].shape[1] if self.keys else 0
+
+    def fill(self, layer, k, v):
+        if layer != len(self.keys):
+            raise RuntimeError(f"LLaDAKVCache.fill: layer {layer} arrived after {len(self.keys)} filled "
+                               f"layers; a cache is filled by one whole forward, in layer order")
+        self.keys.append(k)
+        self.values.append(v)
+        return k, v
+
+    def window(self, layer, start, k, v):
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, start:start + k.shape[1]] = k
+        values[:, start:start + v.shape[1]] = v
+        return keys, values
 
 
 def _check_supported(config: LLaDAConfig) -> None:
@@ -104,13 +158,16 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, ffn, bias=False)
         self.ff_out = nn.Linear(ffn, d, bias=False)
 
-    def forward(self, x, cos, sin, key_mask):
-        """key_mask: None (every key is real) or bool [b, 1, 1, s], True at real keys."""
+    def forward(self, x, cos, sin, key_mask, kv=None):
+        """key_mask: None (every key is real) or bool [b, 1, 1, keys], True at real keys; kv: None
+        or (keys, values) -> the keys and values to attend to (a cache's fill or window)."""
         b, s, _ = x.shape
         h = self.attn_norm(x)
         q = _apply_rope(self.q_proj(h).view(b, s, self.n_heads, self.head_dim), cos, sin)
         k = _apply_rope(self.k_proj(h).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(h).view(b, s, self.n_kv_heads, self.head_dim)
+        if kv is not None:
+            k, v = kv(k, v)
         # KV head j serves query heads j*g .. j*g+g-1 (repeat_interleave semantics).
         a = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask,
@@ -138,10 +195,13 @@ class LLaDAModel(nn.Module):
         if not config.weight_tying:
             self.transformer["ff_out"] = nn.Linear(d, rows, bias=False)
 
-    def forward(self, x, attention_mask, output_hidden_states):
-        """x: [b, s, d] embeddings -> (ln_f output, the embeddings and every block's output
-        when output_hidden_states, else None)."""
-        b, s, _ = x.shape
+    def forward(self, x, attention_mask, output_hidden_states, cache=None, start=None):
+        """x: [b, w, d] embeddings -> (ln_f output, the embeddings and every block's output
+        when output_hidden_states, else None). Without a cache x is the whole sequence (w = s);
+        with an empty cache too, and the cache is filled; with a filled one x is the window at
+        positions start .. start + w of the cached sequence of s."""
+        b, w, _ = x.shape
+        s = cache.length if start is not None else w
         key_mask, positions = None, torch.arange(s, device=x.device)[None]
         if attention_mask is not None:
             if attention_mask.shape != (b, s):
@@ -154,11 +214,17 @@ class LLaDAModel(nn.Module):
             if not real.all():
                 key_mask = real[:, None, None, :]
                 positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        if start is not None:
+            positions = positions[:, start:start + w]
         cos, sin = _rope_cos_sin(positions, self.config.d_model // self.config.n_heads,
                                  self.config.rope_theta)
         hidden = (x,) if output_hidden_states else None
-        for block in self.transformer.blocks:
-            if self.gradient_checkpointing and self.training:
+        for layer, block in enumerate(self.transformer.blocks):
+            if cache is not None:
+                kv = (functools.partial(cache.fill, layer) if start is None
+                      else functools.partial(cache.window, layer, start))
+                x = block(x, cos, sin, key_mask, kv=kv)
+            elif self.gradient_checkpointing and self.training:
                 x = self._gradient_checkpointing_func(block.__call__, x, cos, sin, key_mask)
             else:
                 x = block(x, cos, sin, key_mask)
@@ -169,8 +235,8 @@ class LLaDAModel(nn.Module):
 
 class LLaDAModelLM(PreTrainedModel):
     """Token ids (or embeddings) -> fp32 logits over the vocabulary, bidirectionally: the
-    masked diffusion denoiser. No KV cache (every step recomputes the whole sequence) and no
-    loss (the masked diffusion loss belongs to the training stack)."""
+    masked diffusion denoiser. Optionally with the window KV cache described in the module
+    docstring; no loss (the masked diffusion loss belongs to the training stack)."""
 
     config_class = LLaDAConfig
     base_model_prefix = "model"
@@ -206,13 +272,17 @@ class LLaDAModelLM(PreTrainedModel):
         """input_ids [b, s] (or inputs_embeds [b, s, d]); attention_mask [b, s], 1 at real
         tokens and 0 at (left) padding. Returns CausalLMOutputWithPast with fp32 logits
         [b, s, rows] and, when asked, hidden_states: the embeddings and each block's output
-        (before the final norm). `use_cache` is accepted and ignored."""
+        (before the final norm). KV cache (module docstring): `use_cache=True` or an empty
+        `past_key_values` (an LLaDAKVCache) fills one over the whole sequence and returns it as
+        `past_key_values`; a filled one with `cache_position` (the window's consecutive
+        positions) computes that window of the sequence against it."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if past_key_values is not None:
-            raise ValueError("LLaDA has no KV cache: attention is bidirectional, so every "
-                             "denoising step recomputes the whole sequence; pass "
-                             "past_key_values=None")
+        cache_position = kwargs.pop("cache_position", None)
+        if past_key_values is None and use_cache:
+            past_key_values = LLaDAKVCache()
+        width = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        start = _window_start(past_key_values, cache_position, width)
         if labels is not None:
             raise ValueError("labels are not supported: the masked diffusion loss (CE over "
                              "masked tokens / p_mask) is computed by the training stack from "
@@ -227,8 +297,33 @@ class LLaDAModelLM(PreTrainedModel):
 
         t = self.model.transformer
         x = t.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        x, hidden = self.model(x, attention_mask, output_hidden_states)
+        x, hidden = self.model(x, attention_mask, output_hidden_states, past_key_values, start)
         logits = (F.linear(x, t.wte.weight) if self.config.weight_tying else t.ff_out(x)).float()
-        if not return_dict:
-            return (logits, hidden) if output_hidden_states else (logits,)
-        return CausalLMOutputWithPast(logits=logits, hidden_states=hidden)
+        output = CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values, hidden_states=hidden)
+        return output if return_dict else output.to_tuple()
+
+
+def _window_start(cache, cache_position, width):
+    """None for a forward over the whole sequence (no cache, or an empty one to fill); else the
+    first position of the window in the cached sequence (checked: consecutive and inside it)."""
+    if cache is None:
+        if cache_position is not None:
+            raise ValueError("cache_position places a window in a KV cache: pass past_key_values too")
+        return None
+    if not all(hasattr(cache, name) for name in ("fill", "window", "length")):
+        raise ValueError(f"past_key_values must be an LLaDAKVCache (LLaDA's bidirectional window "
+                         f"cache, see the module docstring), got {type(cache).__name__}")
+    if len(cache) == 0:
+        if cache_position is not None and not torch.equal(cache_position.cpu(), torch.arange(width)):
+            raise ValueError("an empty KV cache is filled by a forward over the whole sequence: pass "
+                             "cache_position=None (or arange(seq)) with it")
+        return None
+    if cache_position is None:
+        raise ValueError("past_key_values is already filled: pass cache_position (the window's "
+                         "positions) to recompute a window against it, or a new LLaDAKVCache to refill it")
+    start = int(cache_position[0]) if cache_position.numel() else -1
+    if (cache_position.dim() != 1 or start < 0 or start + width > cache.length
+            or not torch.equal(cache_position.cpu(), torch.arange(start, start + width))):
+        raise ValueError(f"cache_position must be the {width} consecutive positions of the input inside "
+                         f"the cached sequence of {cache.length}, e.g. arange(start, start + {width})")
+    return start
