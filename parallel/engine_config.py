@@ -3,8 +3,9 @@
 `ParallelConfig` is the `parallel` section of the run config; `deepspeed_config` turns it and
 the batch layout into the dict handed to `deepspeed.initialize` and `deepspeed.zero.Init`:
 ZeRO stage and its overlap/bucket/prefetch settings, hpZ, bf16 with fp32 gradient accumulation
-and a deliberate communication dtype, clipping. Keys DeepSpeed has that the project does not
-model pass through `parallel.deepspeed` and are merged last.
+and a deliberate communication dtype, clipping, and for pipeline parallelism the PipelineEngine
+section (`PIPELINE_SECTION`). Keys DeepSpeed has that the project does not model pass through
+`parallel.deepspeed` and are merged last.
 """
 
 from __future__ import annotations
@@ -13,10 +14,19 @@ import copy
 from dataclasses import dataclass, field
 
 
+# The PipelineEngine's activations cross stage boundaries whole: its default partitioning of
+# them over the tensor-parallel group caches the first micro-batch's shapes, which a micro-batch
+# shortened by the 1% rule breaks (see parallel.pipeline).
+PIPELINE_SECTION = {"pipe_partitioned": False, "grad_partitioned": False}
+
+
 @dataclass
 class ParallelConfig:
     """How the model and its training state are split over ranks (DeepSpeed + megatron-core)."""
     tensor_parallel: int = 1
+    # Pipeline stages (DeepSpeed's PipelineEngine, ZeRO stage 0 or 1): the blocks are balanced
+    # over them, the embedding on the first, the head and loss on the last.
+    pipeline_parallel: int = 1
     zero_stage: int = 3
     # ZeRO-3: build the model already partitioned (deepspeed.zero.Init): no rank holds it whole.
     zero_init: bool = True
@@ -32,6 +42,10 @@ class ParallelConfig:
     hpz_partition_size: int = 1
     # Seconds a rank keeps trying to reach MASTER_ADDR:MASTER_PORT before it gives up.
     rendezvous_timeout_s: float = 300.0
+    # The process group's timeout: a collective waiting this long for a peer (dead or hung) fails
+    # and the rank exits with code 6. Longer than any barrier a rank legitimately waits at
+    # (rank 0 preparing data, saving a checkpoint); torch's default for gloo.
+    collective_timeout_s: float = 1800.0
     # Extra DeepSpeed config keys merged over the generated ones (nested mappings merge).
     deepspeed: dict = field(default_factory=dict)
 
@@ -49,7 +63,9 @@ def merged(base: dict, extra: dict) -> dict:
 
 def deepspeed_config(parallel: ParallelConfig, *, micro_batch_size: int, grad_accum_steps: int,
                      bf16: bool, grad_clip: float) -> dict:
-    zero = {"stage": parallel.zero_stage, "overlap_comm": parallel.overlap_comm,
+    # the PipelineEngine schedules its own gradient reductions (DeepSpeed turns overlap off)
+    overlap = parallel.overlap_comm and parallel.pipeline_parallel == 1
+    zero = {"stage": parallel.zero_stage, "overlap_comm": overlap,
             "contiguous_gradients": True, "reduce_scatter": True,
             "reduce_bucket_size": parallel.reduce_bucket_size}
     if parallel.zero_stage in (1, 2):
@@ -74,6 +90,8 @@ def deepspeed_config(parallel: ParallelConfig, *, micro_batch_size: int, grad_ac
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if parallel.pipeline_parallel > 1:
+        cfg["pipeline"] = dict(PIPELINE_SECTION)
     if bf16:
         cfg["bf16"] = {"enabled": True}
         # bf16 gradient accumulation diverges; accumulate (and reduce) in fp32.

@@ -9,8 +9,10 @@ config and the tokenizer, then, once every rank has written, renames the directo
 point leaves the previous complete checkpoint as the newest `step_*` directory. Retention keeps
 the newest `keep_last` and every `keep_every`-th step.
 
-Resuming in the same layout (tensor- and data-parallel sizes) restores everything through
-DeepSpeed; in another layout only the weights are loaded, and the run says so. A new run can
+Resuming in the same layout (tensor-, pipeline- and data-parallel sizes) restores everything
+through DeepSpeed (a pipeline's per-layer files included); in another layout only the weights
+are loaded, and the run says so. A pipeline's `model.safetensors` holds the whole model too:
+each stage's tensors are gathered on rank 0 under the released names. A new run can
 start from the weights of a checkpoint or of an imported release (`train.init_from`).
 """
 
@@ -116,7 +118,9 @@ def save_checkpoint(engine, root: str | Path, step: int, *, trainer_state: dict,
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
     _write_atomic(root / tmp_tag / f"rank_{rank:05d}.json",
                   json.dumps({**rank_state, "rng": rng_state()}))
-    weights = full_state_dict(engine.module)
+    # a pipeline (parallel.pipeline) gathers its stages itself; other modules hold every layer
+    whole_state_dict = getattr(engine.module, "whole_state_dict", None)
+    weights = whole_state_dict() if whole_state_dict else full_state_dict(engine.module)
     _barrier()  # every rank's files are in place before rank 0 publishes
     if rank == 0:
         tmp = root / tmp_tag
@@ -226,7 +230,7 @@ def load_weights(module: torch.nn.Module, entries: dict[str, TensorEntry], where
     mismatch is listed."""
     deepspeed = import_deepspeed()
     require_tensors(entries, expected_tensors(module.config), f"{where} does not fit the model being built")
-    for name, param in module.named_parameters():
+    for name, param in module.released_parameters():
         whole = read_tensor(entries[name])
         # every rank reads the same tensor; the partitions are refreshed from the group's first
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):

@@ -1,9 +1,11 @@
 """The run's rank layout and memory plan, resolved from the config before anything is allocated.
 
-A launch first turns (config, world size) into a layout: tensor- and data-parallel sizes, micro
-and global batch, gradient accumulation. A world that TP does not divide, or a global batch that
-micro x DP does not divide, stops here with the fix. The same layout gives the DeepSpeed config
-and the per-GPU memory estimate that every launch prints and `--dry-run` prints alone.
+A launch first turns (config, world size) into a layout: tensor-, pipeline- and data-parallel
+sizes, micro and global batch, gradient accumulation. A world that TP x PP does not divide, or a
+global batch that micro x DP does not divide, stops here with the fix. The same layout gives the
+DeepSpeed config and the per-GPU memory estimate that every launch prints and `--dry-run` prints
+alone; with pipeline stages it also prints which blocks each stage holds (the memory estimate
+does not model pipeline parallelism: it counts every layer on one rank).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from parallel.engine import use_bf16
 from parallel.engine_config import deepspeed_config
 from parallel.memory_plan import GiB, MemoryEstimate, estimate_memory
+from parallel.topology import describe_stages
 from pretrain.config import ConfigError, RunConfig
 
 
@@ -25,19 +28,33 @@ class Layout:
     micro_batch_size: int
     global_batch_size: int
     grad_accum: int
+    pipeline_parallel: int = 1
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = TP {self.tensor_parallel} x DP {self.data_parallel} | "
+        pp = f" x PP {self.pipeline_parallel}" if self.pipeline_parallel > 1 else ""
+        return (f"world {self.world_size} = TP {self.tensor_parallel} x DP {self.data_parallel}{pp} | "
                 f"global batch {self.global_batch_size} = micro {self.micro_batch_size} x DP "
                 f"{self.data_parallel} x accumulation {self.grad_accum}")
 
+    def checkpoint_key(self) -> dict[str, int]:
+        """What a checkpoint records of the layout: resuming restores the full state only into
+        the same one. The pipeline size appears only above 1, as in checkpoints written before
+        pipelines existed."""
+        key = {"tensor_parallel": self.tensor_parallel, "data_parallel": self.data_parallel}
+        if self.pipeline_parallel > 1:
+            key["pipeline_parallel"] = self.pipeline_parallel
+        return key
+
 
 def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
-    tp = cfg.parallel.tensor_parallel
-    if world_size < 1 or world_size % tp:
-        raise ConfigError(f"parallel.tensor_parallel: world size {world_size} is not divisible by "
-                          f"TP {tp}; launch a multiple of {tp} ranks (e.g. --num_gpus) or change TP")
-    dp = world_size // tp
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    if world_size < 1 or world_size % (tp * pp):
+        fields, sizes = ("parallel.tensor_parallel", f"TP {tp}") if pp == 1 else (
+            "parallel.tensor_parallel / parallel.pipeline_parallel", f"TP {tp} x PP {pp}")
+        raise ConfigError(f"{fields}: world size {world_size} is not divisible by {sizes}; launch "
+                          f"a multiple of {tp * pp} ranks (e.g. --num_gpus) or change "
+                          f"{'TP' if pp == 1 else 'TP or PP'}")
+    dp = world_size // (tp * pp)
     micro, global_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if global_batch % (micro * dp):
         raise ConfigError(f"train.global_batch_size: {global_batch} is not a multiple of "
@@ -45,7 +62,7 @@ def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
                           f"change the global batch, the micro batch or the number of ranks")
     return Layout(world_size=world_size, tensor_parallel=tp, data_parallel=dp,
                   micro_batch_size=micro, global_batch_size=global_batch,
-                  grad_accum=global_batch // (micro * dp))
+                  grad_accum=global_batch // (micro * dp), pipeline_parallel=pp)
 
 
 def engine_config(cfg: RunConfig, layout: Layout) -> dict:
@@ -72,8 +89,14 @@ def gpu_budget_bytes(cfg: RunConfig) -> int:
 
 def launch_report(cfg: RunConfig, layout: Layout, estimate: MemoryEstimate) -> str:
     """What every launch prints: the layout and the memory plan against the device budget."""
+    stages = []
+    if layout.pipeline_parallel > 1:
+        stages = [f"pipeline: {describe_stages(cfg.model.n_layers, layout.pipeline_parallel)}",
+                  "(the memory plan below does not model pipeline parallelism: it counts every "
+                  "layer on one rank)"]
     return "\n".join([
         f"layout: {layout.describe()}",
+        *stages,
         f"memory plan per GPU (activation checkpointing {cfg.memory.activation_checkpointing}, "
         f"loss chunk {cfg.memory.loss_chunk_tokens or 'whole micro-batch'}, "
         f"seq {cfg.data.seq_len}):",
