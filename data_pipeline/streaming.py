@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import copy
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -311,7 +312,15 @@ class TokenBatchLoader:
         dataset = TokenStream(self.sources, self.config, self._worker_states, self._next_worker)
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, **extra)
+                          pin_memory=self.pin_memory, worker_init_fn=_ignore_preemption_notice, **extra)
+
+
+def _ignore_preemption_notice(worker_id: int) -> None:
+    """SIGUSR1 announces preemption (`scancel --signal=USR1` reaches every process of the job,
+    loader workers too, and its default action ends a process): the workers ignore it and keep
+    feeding the rank until it has saved its checkpoint. SIGTERM keeps its default, as the
+    DataLoader and the interpreter's exit end workers with it."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _comparable(field: str, value: Any) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from datetime import timedelta
 from typing import NoReturn
 
 import torch
@@ -49,11 +50,13 @@ def import_deepspeed():
     return deepspeed
 
 
-def init_distributed(rendezvous_timeout_s: float = 300.0) -> None:
+def init_distributed(rendezvous_timeout_s: float = 300.0, collective_timeout_s: float = 1800.0) -> None:
     """Join the process group; on GPU, first bind this process to its node-local device.
 
     Before joining, a rank that is not rank 0 checks that MASTER_ADDR:MASTER_PORT answers, so a
     wrong address fails in seconds with a message instead of hanging in the rendezvous.
+    `collective_timeout_s` is the process group's timeout: a collective that waits longer for a
+    peer (one that died or hung) raises on gloo; NCCL's watchdog aborts the process.
     """
     deepspeed = import_deepspeed()
     if not torch.distributed.is_initialized():
@@ -61,7 +64,8 @@ def init_distributed(rendezvous_timeout_s: float = 300.0) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(seconds=collective_timeout_s))
 
 
 def exit_together(code: int = 0) -> NoReturn:

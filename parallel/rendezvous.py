@@ -3,8 +3,9 @@
 torch's rendezvous waits out its whole timeout (minutes) on a wrong MASTER_ADDR and then reports
 a bare connection error. Every rank checks first that MASTER_ADDR resolves; every rank but 0
 then checks that MASTER_ADDR:MASTER_PORT accepts a TCP connection (rank 0 serves it), retrying
-while rank 0 starts, and otherwise stops with a message naming the host, the address and the
-usual causes.
+while rank 0 starts, and otherwise stops with a message naming the host, the address, where the
+address comes from (the launcher's `--master_addr`, the first host of its hostfile, or the
+SLURM script) and the usual causes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def check_master_reachable(timeout_s: float) -> None:
         socket.getaddrinfo(addr, int(port), type=socket.SOCK_STREAM)
     except OSError as e:
         raise RendezvousError(f"MASTER_ADDR {addr!r} does not resolve on host {host} ({e}); set it "
-                              f"to a name or IP of the first host that every node can resolve") from None
+                              f"to a name or IP of the first host that every node can resolve "
+                              f"(`deepspeed --master_addr`; under SLURM recipes/slurm_llada.sbatch "
+                              f"takes the allocation's first host, or MASTER_ADDR when set)") from None
     if int(os.environ.get("RANK", "0")) == 0:
         return
     deadline = time.monotonic() + timeout_s
@@ -45,8 +48,9 @@ def check_master_reachable(timeout_s: float) -> None:
             if time.monotonic() >= deadline:
                 raise RendezvousError(
                     f"rank {os.environ.get('RANK')} on host {host} cannot reach MASTER_ADDR:MASTER_PORT "
-                    f"= {addr}:{port} after {timeout_s:g} s ({e}); check that rank 0 started, that "
-                    f"MASTER_ADDR is an address of the first host reachable from this node, and "
+                    f"= {addr}:{port} after {timeout_s:g} s ({e}); check that rank 0 started (the "
+                    f"launcher with --node_rank 0 runs on the master host), that MASTER_ADDR is an "
+                    f"address of that host reachable from this node (`deepspeed --master_addr`), and "
                     f"that no firewall blocks the port (parallel.rendezvous_timeout_s sets the wait)"
                 ) from None
             time.sleep(0.5)

@@ -30,10 +30,17 @@ class GuardConfig:
     hang_timeout_s: float = 1800.0   # the watchdog reports and exits after this long without progress (0: off)
     # Fault injection, to exercise the guard rails: these 1-based steps get a NaN loss.
     inject_nan_at_steps: list[int] = field(default_factory=list)
+    # Fault injection, to exercise the straggler metric: this rank (-1: none) sleeps this long
+    # at the end of every step's work.
+    inject_delay_rank: int = -1
+    inject_delay_s: float = 0.0
 
     def problems(self) -> list[str]:
         """One 'guard.<field>: ...' line per invalid value."""
         out = []
+        if self.inject_delay_rank < -1 or self.inject_delay_s < 0:
+            out.append(f"guard.inject_delay_rank / guard.inject_delay_s: a rank >= 0 (-1: none) and "
+                       f"seconds >= 0, got {self.inject_delay_rank} / {self.inject_delay_s}")
         for name in ("max_consecutive_skips", "spike_warmup", "hang_timeout_s"):
             value = getattr(self, name)
             if value < 0:
@@ -145,6 +152,11 @@ class HangWatchdog:
     def beat(self, step: int, phase: str) -> None:
         """Record progress: the loop is at `step`, entering `phase`."""
         self._last = (time.monotonic(), step, phase)
+
+    @property
+    def position(self) -> tuple[int, str]:
+        """The step and phase of the last beat (where a failing rank was)."""
+        return self._last[1], self._last[2]
 
     def stop(self) -> None:
         """Stop watching and wait for the thread to end."""

@@ -15,6 +15,9 @@ import sys
 
 recipe = pathlib.Path(__file__).resolve()
 sys.path.insert(0, str(recipe.parents[1]))  # the checkout, whatever the working directory
+from pretrain.rank_supervisor import supervise  # noqa: E402
+
+supervise()  # under a launcher, a parent process names this rank if it ends badly
 from pretrain.train import main  # noqa: E402
 
 # The demo's global batch of 32 as 16 rows per rank: accumulation keeps it at any rank count.

@@ -1,7 +1,8 @@
 """A launch that cannot work stops before anything is allocated, with a message naming the fix:
 a world size TP does not divide, heads / KV heads / FFN / vocabulary TP cannot split, a global
 batch the ranks cannot share, a memory plan the engine cannot run, and a master address that
-does not resolve or answer."""
+does not resolve or answer (in the trainer, and through the deepspeed launcher of a second
+node)."""
 
 import socket
 import subprocess
@@ -110,3 +111,18 @@ def test_cli_reports_an_unreachable_master_before_building_anything(tmp_path, su
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "launch error: rank 1" in proc.stderr and "firewall" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_launcher_of_a_second_node_with_an_unresolvable_master_stops_at_start(tmp_path, subprocess_env):
+    """`deepspeed --no_ssh --node_rank 1 --master_addr <typo>`: the rank on that node exits 3 in
+    seconds with the fix, its supervisor names it, and the launcher passes the code on."""
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    proc = subprocess.run(["deepspeed", "--no_ssh", "--node_rank", "1", "--hostfile", "hostfile",
+                           "--master_addr", "no-such-host.invalid", "--master_port", str(closed_port()),
+                           str(REPO / "recipes" / "tiny.sh"), f"train.out_dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=subprocess_env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output[-3000:]
+    assert "launch error: MASTER_ADDR 'no-such-host.invalid' does not resolve" in output
+    assert "`deepspeed --master_addr`" in output
+    assert f"rank 1 (local rank 0) on host {socket.gethostname()}" in output and "exited with code 3" in output
