@@ -15,7 +15,8 @@ differently there than as a response: both are exactly what inference sees.
 A dialogue with n assistant messages gives n pairs; by default one is drawn per dialogue and
 epoch (paper B.1) from `keyed_generator(seed, "sft_pair", dialogue_index, epoch)`, the example
 order from `keyed_generator(seed, "sft_order", epoch)`. Rows are prompt + response, right-padded
-with EOS; the padding belongs to the response (`sft_loss` masks and trains it).
+with EOS; the padding belongs to the response (`sft_loss` masks and trains it). `SFTStream`
+runs the epochs back to back for the training loop and checkpoints its position.
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ class ChatTemplate:
 
     def generation_prompt(self) -> list[int]:
         return [*self.header("assistant"), *self.tokenizer.encode(HEADER_BODY_SEPARATOR)]
+
+    def prompt(self, messages: Sequence[Message]) -> list[int]:
+        """What the model answers at inference: BOS, the dialogue so far, the assistant header."""
+        return [self.bos_id, *(i for message in messages for i in self.message(message)),
+                *self.generation_prompt()]
 
     def response(self, answer: Message) -> list[int]:
         return [*self.tokenizer.encode(answer["content"].strip()), self.eot_id]
@@ -264,3 +270,63 @@ class SFTBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class SFTStream:
+    """The trainer's never-ending SFT stream: `SFTBatches` epoch after epoch behind the loader
+    interface the training loop uses for pretraining data (`next`, `counters`, `state_dict`,
+    `load_state_dict`, `close`).
+
+    `identity` (the files' and tokenizer's hashes, for one) is saved with the position and must
+    match on resume, like the settings that decide the epoch plans."""
+
+    RESUME_FIELDS = ("seed", "dp_rank", "dp_size", "batch_size", "seq_len", "pairs", "overlong", "pad_to")
+
+    def __init__(self, batches: SFTBatches, identity: dict[str, str]):
+        self.batches, self.identity = batches, dict(identity)
+        self._iterator: Iterator[SFTBatch] | None = None
+        self.answer_tokens = 0  # response and padding positions this rank has trained on
+
+    def micro_batches_per_epoch(self) -> int:
+        """Micro-batches each rank runs in one epoch (epoch 0's plan; "drop" and "one" pair per
+        dialogue can change it by a batch or two in later epochs)."""
+        return len(self.batches.epoch_plan(0)[0])
+
+    def __iter__(self) -> "SFTStream":
+        return self
+
+    def __next__(self) -> SFTBatch:
+        for _ in range(2):  # the rest of this epoch, else the start of the next
+            if self._iterator is None:
+                self._iterator = iter(self.batches)
+            batch = next(self._iterator, None)
+            if batch is not None:
+                self.answer_tokens += int((batch.input_ids.shape[1] - batch.prompt_lengths).sum())
+                return batch
+            self._iterator = None
+        raise ValueError(f"SFT data: epoch {self.batches.epoch - 1} has no full global batch of "
+                         f"{self.batches.batch_size} x {self.batches.dp_size} pairs; give more "
+                         f"dialogues or a smaller train.micro_batch_size")
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {"sft": {"tokens": self.answer_tokens, "epoch": self.batches.epoch}}
+
+    def state_dict(self) -> dict:
+        settings = {name: getattr(self.batches, name) for name in self.RESUME_FIELDS}
+        return {**self.batches.state_dict(), "answer_tokens": self.answer_tokens,
+                "settings": settings, "identity": self.identity}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = {**state.get("settings", {}), **state.get("identity", {})}
+        now = {**self.state_dict()["settings"], **self.identity}
+        changed = [f"{name}: {saved.get(name)!r} in the checkpoint, {value!r} now"
+                   for name, value in now.items() if saved.get(name) != value]
+        if changed:
+            raise ValueError("SFT data state: " + "; ".join(changed) + ". Resume with the same "
+                             "conversations, tokenizer and batch settings, or start the data afresh")
+        self.batches.load_state_dict(state)
+        self.answer_tokens = int(state["answer_tokens"])
+        self._iterator = None
+
+    def close(self) -> None:
+        self._iterator = None

@@ -17,11 +17,14 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.sft import OVERLONG_MODES, PAIR_MODES
+from parallel.attention import ATTENTION_BACKENDS
 from parallel.engine_config import ParallelConfig
 from parallel.memory_plan import CHECKPOINTING
 from parallel.model_config import ModelConfig, preset
 from pretrain.guard_rails import GuardConfig
 from pretrain.schedule import ScheduleConfig
+from pretrain.throughput import FastConfig, ProfileConfig
 
 
 class ConfigError(ValueError):
@@ -39,10 +42,12 @@ class DataSource:
 @dataclass
 class DataConfig:
     # "shards": prepared `sources`; "stdlib" (the embedded corpus: this interpreter's standard
-    # library) and "files" (`paths`) are prepared into the run directory at start.
+    # library) and "files" (`paths`) are prepared into the run directory at start; "sft":
+    # conversations, `paths` being JSONL files of {"messages": [...]} (train.objective sft).
     source: str = "stdlib"
     sources: list[DataSource] = field(default_factory=list)
-    # A prepared directory of held-out data ("shards" only; the others hold out a share of files).
+    # A prepared directory of held-out data ("shards"; stdlib and files hold out a share of
+    # files), or a JSONL file of held-out conversations ("sft").
     validation_path: str | None = None
     paths: list[str] = field(default_factory=list)
     max_bytes: int = 6_000_000
@@ -58,6 +63,13 @@ class DataConfig:
     # cut tokens for the next batch, "discard" drops them as the reference code does.
     variable_length_prob: float = 0.01
     variable_length_mode: str = "carry"
+    # "sft": the pairs of a multi-turn dialogue trained per epoch ("one" drawn at random, the
+    # paper's choice, or "all"); a response too long for seq_len is cut ("truncate") or its pair
+    # left out ("drop"); rows are EOS-padded to the micro-batch's longest row (the reference) or,
+    # with sft_pad_to_seq_len, to seq_len.
+    sft_pairs: str = "one"
+    sft_overlong: str = "truncate"
+    sft_pad_to_seq_len: bool = False
 
 
 @dataclass
@@ -70,9 +82,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    # "mdm": masked diffusion (Algorithm 1); "arm": the autoregressive baseline.
+    # "mdm": masked diffusion (Algorithm 1); "arm": the autoregressive baseline; "sft": supervised
+    # fine-tuning on conversations (Algorithm 2; data.source sft).
     objective: str = "mdm"
     steps: int = 100
+    # SFT: > 0 sets train.steps (and schedule.total_steps) to this many passes over the
+    # conversations, counted from the first epoch's plan; 0 trains train.steps.
+    epochs: int = 0
     micro_batch_size: int = 4
     global_batch_size: int = 4
     seed: int = 1234
@@ -119,6 +135,8 @@ class CheckpointConfig:
     dir: str | None = None    # default: <out_dir>/checkpoints
     keep_last: int = 3        # the newest N are kept (0: keep all) ...
     keep_every: int = 0       # ... and every step divisible by this (0: none)
+    # false: no checkpoint (and so no closing sample) after the last step: profiling runs
+    save_at_end: bool = True
 
 
 @dataclass
@@ -127,6 +145,11 @@ class LoggingConfig:
     jsonl: bool = True
     tensorboard: bool = True
     progress_bar: bool = True
+    # Every rank tees its stdout and stderr into <out_dir>/logs/rank_XXXXX.log.
+    per_rank_logs: bool = False
+    # A warning names the slowest rank when its step time exceeds this many times the median
+    # rank's (0: no warning; the straggler/* metrics are logged either way).
+    straggler_factor: float = 1.5
 
 
 @dataclass
@@ -152,6 +175,8 @@ class RunConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -271,13 +296,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
 
 def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     """Every problem with the config, one line each naming the field and the fix."""
-    out = list(cfg.model.problems()) + list(cfg.schedule.problems())
     t, d, v = cfg.train, cfg.data, cfg.validation
-    if t.objective not in ("mdm", "arm"):
-        out.append(f"train.objective: {t.objective!r} is not 'mdm' or 'arm'")
+    out = list(cfg.model.problems()) + list(cfg.schedule.problems(total_steps_from_run=t.epochs > 0))
+    if t.objective not in ("mdm", "arm", "sft"):
+        out.append(f"train.objective: {t.objective!r} is not 'mdm', 'arm' or 'sft'")
     elif cfg.model.causal != (t.objective == "arm"):
         out.append(f"model.causal: is {cfg.model.causal} but train.objective is {t.objective!r}; "
                    f"the AR baseline ('arm') needs a causal model and the MDM a bidirectional one")
+    out += validate_sft(cfg, check_paths)
     for name in ("steps", "micro_batch_size", "global_batch_size"):
         if getattr(t, name) <= 0:
             out.append(f"train.{name}: must be positive, got {getattr(t, name)}")
@@ -287,12 +313,14 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     if t.precision not in ("auto", "fp32", "bf16"):
         out.append(f"train.precision: {t.precision!r} is not auto, fp32 or bf16")
     out += validate_parallel(cfg)
-    if t.attention_backend not in ("auto", "flash", "sdpa"):
-        out.append(f"train.attention_backend: {t.attention_backend!r} is not auto, flash or sdpa")
-    if d.source not in ("stdlib", "files", "shards"):
-        out.append(f"data.source: {d.source!r} is not 'stdlib', 'files' or 'shards'")
-    if d.source == "files" and not d.paths:
-        out.append("data.paths: data.source is 'files' but no paths are given")
+    if t.attention_backend not in ATTENTION_BACKENDS:
+        out.append(f"train.attention_backend: {t.attention_backend!r} is not one of "
+                   f"{', '.join(ATTENTION_BACKENDS)}")
+    out += cfg.fast.problems(cfg.parallel.pipeline_parallel) + cfg.profile.problems()
+    if d.source not in ("stdlib", "files", "shards", "sft"):
+        out.append(f"data.source: {d.source!r} is not 'stdlib', 'files', 'shards' or 'sft'")
+    if d.source in ("files", "sft") and not d.paths:
+        out.append(f"data.paths: data.source is {d.source!r} but no paths are given")
     if check_paths and t.init_from and not Path(t.init_from, "model.safetensors").is_file():
         out.append(f"train.init_from: no model.safetensors in {t.init_from!r}; give a checkpoint "
                    f"step directory or a directory written by `python -m pretrain.import_hf`")
@@ -317,7 +345,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     names = [src.name or Path(src.path).name for src in d.sources]
     if len(set(names)) != len(names):
         out.append(f"data.sources: names {names} repeat; give each source a distinct name")
-    if check_paths and d.validation_path is not None and not Path(d.validation_path, "manifest.json").is_file():
+    if (check_paths and d.validation_path is not None and d.source != "sft"
+            and not Path(d.validation_path, "manifest.json").is_file()):
         out.append(f"data.validation_path: no manifest.json in {d.validation_path!r}")
     if d.pad_vocab_to_multiple < 0:
         out.append(f"data.pad_vocab_to_multiple: must be >= 0, got {d.pad_vocab_to_multiple}")
@@ -347,7 +376,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     if v.elbo_every and v.elbo_mc_num % max(v.elbo_batch_size, 1):
         out.append(f"validation.elbo_mc_num: {v.elbo_mc_num} is not a multiple of "
                    f"validation.elbo_batch_size {v.elbo_batch_size}")
-    if v.elbo_every and v.elbo_sequences > v.batches * v.batch_size:
+    if v.elbo_every and d.source != "sft" and v.elbo_sequences > v.batches * v.batch_size:
         out.append(f"validation.elbo_sequences: {v.elbo_sequences} exceeds the held-out rows, "
                    f"validation.batches x validation.batch_size = {v.batches * v.batch_size}")
     if cfg.checkpoint.every < 0:
@@ -357,6 +386,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     out += cfg.guard.problems()
     if cfg.logging.every <= 0:
         out.append("logging.every: must be positive")
+    if cfg.logging.straggler_factor != 0 and not cfg.logging.straggler_factor > 1:
+        out.append(f"logging.straggler_factor: must be 0 (no warning) or > 1, got "
+                   f"{cfg.logging.straggler_factor}")
     s = cfg.sample
     if s.gen_length <= 0 or s.block_length <= 0 or s.gen_length % s.block_length:
         out.append(f"sample.block_length: {s.block_length} must divide sample.gen_length {s.gen_length}")
@@ -386,6 +418,37 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     return out
 
 
+def validate_sft(cfg: RunConfig, check_paths: bool) -> list[str]:
+    """Problems of a supervised fine-tuning config (or of SFT settings in another run)."""
+    t, d, v = cfg.train, cfg.data, cfg.validation
+    out = []
+    if (t.objective == "sft") != (d.source == "sft"):
+        out.append(f"train.objective / data.source: {t.objective!r} / {d.source!r}; supervised "
+                   f"fine-tuning (Algorithm 2) trains on conversations: set both to 'sft', or neither")
+    if t.epochs < 0 or (t.epochs and t.objective != "sft"):
+        out.append(f"train.epochs: {t.epochs}; passes over the conversations are for "
+                   f"train.objective sft (>= 1), 0 trains train.steps")
+    if d.sft_pairs not in PAIR_MODES:
+        out.append(f"data.sft_pairs: {d.sft_pairs!r} is not one of {', '.join(PAIR_MODES)}")
+    if d.sft_overlong not in OVERLONG_MODES:
+        out.append(f"data.sft_overlong: {d.sft_overlong!r} is not one of {', '.join(OVERLONG_MODES)}")
+    if d.source != "sft":
+        return out
+    if d.tokenizer is None:
+        out.append("data.tokenizer: SFT needs the base model's tokenizer.json (the one "
+                   "`python -m pretrain.import_hf` writes beside the weights)")
+    if v.every:
+        out.append("validation.every: the fixed-t held-out loss is for pretraining data; SFT "
+                   "validates with the Algorithm 3 bound on held-out answers (validation.elbo_every "
+                   "and data.validation_path): set validation.every=0")
+    if v.elbo_every and d.validation_path is None:
+        out.append("data.validation_path: validation.elbo_every scores held-out answers; give a "
+                   "JSONL file of held-out conversations (or set validation.elbo_every=0)")
+    if check_paths and d.validation_path is not None and not Path(d.validation_path).is_file():
+        out.append(f"data.validation_path: no such JSONL file {d.validation_path!r}")
+    return out
+
+
 def validate_parallel(cfg: RunConfig) -> list[str]:
     """Problems with the parallel layout that do not depend on the world size."""
     out = []
@@ -396,12 +459,16 @@ def validate_parallel(cfg: RunConfig) -> list[str]:
     if p.communication_dtype not in ("fp32", "bf16"):
         out.append(f"parallel.communication_dtype: {p.communication_dtype!r} is not fp32 or bf16")
     for name in ("reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters",
-                 "hpz_partition_size"):
+                 "hpz_partition_size", "collective_timeout_s"):
         if getattr(p, name) <= 0:
             out.append(f"parallel.{name}: must be positive, got {getattr(p, name)}")
     if p.param_persistence_threshold < 0 or p.rendezvous_timeout_s <= 0:
         out.append("parallel.param_persistence_threshold must be >= 0 and "
                    "parallel.rendezvous_timeout_s > 0")
+    if p.pipeline_parallel < 1:
+        out.append(f"parallel.pipeline_parallel: must be >= 1, got {p.pipeline_parallel}")
+    elif p.pipeline_parallel > 1:
+        out += validate_pipeline(cfg)
     if tp < 1:
         out.append(f"parallel.tensor_parallel: must be >= 1, got {tp}")
         return out
@@ -426,4 +493,29 @@ def validate_parallel(cfg: RunConfig) -> list[str]:
                    f"{tp}; pad it (data.pad_vocab_to_multiple: {128 * tp}) or change TP")
     if m.weight_tying:
         out.append("model.weight_tying: tied embeddings are supported at tensor_parallel 1 only")
+    return out
+
+
+def validate_pipeline(cfg: RunConfig) -> list[str]:
+    """Problems of a pipeline-parallel run (DeepSpeed's PipelineEngine). Blocks that the stages
+    do not divide are balanced (the first stages take one more) and the plan is printed."""
+    p, pp, n = cfg.parallel, cfg.parallel.pipeline_parallel, cfg.model.n_layers
+    out = []
+    if p.zero_stage > 1:
+        out.append(f"parallel.zero_stage: {p.zero_stage} with parallel.pipeline_parallel {pp}; "
+                   f"DeepSpeed's PipelineEngine accepts ZeRO stage 0 or 1 only: set "
+                   f"parallel.zero_stage: 1 (the optimizer states stay partitioned over the "
+                   f"data-parallel ranks)")
+    if n < pp:
+        out.append(f"parallel.pipeline_parallel: {pp} stages for model.n_layers {n}; every stage "
+                   f"needs at least one block: use at most {n} stages")
+    if cfg.model.weight_tying:
+        out.append("model.weight_tying: a pipeline keeps the embedding and the head on different "
+                   "stages; tied weights need parallel.pipeline_parallel 1")
+    if cfg.train.objective != "mdm":
+        out.append(f"train.objective: {cfg.train.objective!r} with parallel.pipeline_parallel {pp}; "
+                   f"the pipeline trains the masked diffusion objective (mdm) only")
+    if cfg.guard.inject_nan_at_steps:
+        out.append("guard.inject_nan_at_steps: NaN injection is not wired into the pipeline's loss; "
+                   "leave it empty with parallel.pipeline_parallel > 1")
     return out

@@ -1,9 +1,12 @@
 """Turns the config's data section into the training stream and the fixed validation batches.
 
-There is one data path: prepared webdataset shards read by the streaming loader. With
+Pretraining has one data path: prepared webdataset shards read by the streaming loader. With
 `data.source: shards` the config names prepared directories; with `stdlib` (the embedded
 demo corpus) or `files`, rank 0 holds out every k-th file, trains the BPE tokenizer on the
 rest when none is given, and prepares both parts into `<out_dir>/data/` before any rank reads.
+Supervised fine-tuning (`data.source: sft`) reads JSONL conversations into Algorithm 2 batches
+(`data_pipeline.sft`), and holds out the pairs of `data.validation_path` for the Algorithm 3
+bound on their answers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 from data_pipeline.corpus import split_heldout, stdlib_corpus
 from data_pipeline.heldout import heldout_batches
 from data_pipeline.prepare import expand_inputs, prepare
+from data_pipeline.sft import SFTBatches, SFTStream, choose_pairs, fit_to_length, load_sft_pairs
+from data_pipeline.shards import file_sha256
 from data_pipeline.streaming import SourceSpec, TokenBatchLoader
 from data_pipeline.tokenizer import (TokenizerInfo, check_fits_model, load_tokenizer, padded_vocab_size,
                                      train_bpe)
@@ -29,8 +34,11 @@ DEMO_TOKENS_PER_SHARD = 1 << 18
 @dataclass
 class TrainingData:
     tokenizer: TokenizerInfo
-    loader: TokenBatchLoader
-    validation_batches: list[torch.Tensor]
+    loader: TokenBatchLoader | SFTStream
+    validation_batches: list[torch.Tensor]  # the fixed-t held-out loss's batches (pretraining)
+    # What the Algorithm 3 bound scores: (prompt + answer ids, prompt length) each; a held-out
+    # row with an empty prompt in pretraining, a held-out conversation pair in SFT.
+    elbo_examples: list[tuple[torch.Tensor, int]]
     description: str
 
 
@@ -55,6 +63,8 @@ def _prepare_corpus(cfg: RunConfig, data_dir: Path, rank: int) -> tuple[Path, li
 def build_training_data(cfg: RunConfig, out_dir: Path, *, rank: int, dp_rank: int,
                         dp_size: int, device: torch.device) -> TrainingData:
     d = cfg.data
+    if d.source == "sft":
+        return _sft_data(cfg, dp_rank=dp_rank, dp_size=dp_size, device=device)
     if d.source == "shards":
         tokenizer_path = Path(d.tokenizer)
         sources = [SourceSpec(s.name or Path(s.path).name, s.path, s.weight) for s in d.sources]
@@ -75,7 +85,38 @@ def build_training_data(cfg: RunConfig, out_dir: Path, *, rank: int, dp_rank: in
         validation = [b.to(device) for b in heldout_batches(
             heldout_dir, n_batches=cfg.validation.batches, batch_size=cfg.validation.batch_size,
             seq_len=d.seq_len, vocab_size=cfg.model.vocab_size, tokenizer_sha256=tok.sha256)]
+    elbo_rows = torch.cat(validation)[:cfg.validation.elbo_sequences] if cfg.validation.elbo_every else []
     description = ", ".join(
         f"{s.name}: {sum(sh.tokens for sh in s.shards):,} tokens in {len(s.shards)} shards, weight {s.weight:g}"
         for s in loader.sources)
-    return TrainingData(tok, loader, validation, description)
+    return TrainingData(tok, loader, validation, [(row, 0) for row in elbo_rows], description)
+
+
+def _sft_data(cfg: RunConfig, *, dp_rank: int, dp_size: int, device: torch.device) -> TrainingData:
+    d, v = cfg.data, cfg.validation
+    tok = load_tokenizer(d.tokenizer)
+    check_fits_model(tok, cfg.model.vocab_size)
+    dialogues = [pairs for path in d.paths for pairs in load_sft_pairs(path, tok)]
+    batches = SFTBatches(dialogues, batch_size=cfg.train.micro_batch_size, seq_len=d.seq_len,
+                         seed=cfg.train.seed, eos_id=tok.eos_id, overlong=d.sft_overlong, pairs=d.sft_pairs,
+                         pad_to=d.seq_len if d.sft_pad_to_seq_len else "longest",
+                         dp_rank=dp_rank, dp_size=dp_size)
+    identity = {"tokenizer_sha256": tok.sha256,
+                "conversations_sha256": ",".join(file_sha256(Path(path)) for path in d.paths)}
+    loader = SFTStream(batches, identity)
+    examples = []
+    if v.elbo_every:
+        heldout = [choose_pairs(pairs, d.sft_pairs, v.seed, index, 0)
+                   for index, pairs in enumerate(load_sft_pairs(d.validation_path, tok))]
+        kept, _ = fit_to_length([pair for pairs in heldout for pair in pairs], d.seq_len, "drop")
+        if not kept:
+            raise ValueError(f"data.validation_path: {d.validation_path} has no conversation pair "
+                             f"that fits data.seq_len {d.seq_len}")
+        examples = [(torch.tensor(pair.prompt + pair.response, device=device), len(pair.prompt))
+                    for pair in kept[:v.elbo_sequences]]
+    plan, counts = batches.epoch_plan(0)
+    description = (f"sft: {len(dialogues):,} conversations in {len(d.paths)} file(s), "
+                   f"{len(plan)} micro-batches per rank and epoch "
+                   f"({counts.truncated} truncated, {counts.dropped} dropped, {counts.left_over} left over "
+                   f"in epoch 0), {len(examples)} held-out answers")
+    return TrainingData(tok, loader, [], examples, description)

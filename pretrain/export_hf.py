@@ -1,6 +1,6 @@
 """Export a training checkpoint to the released LLaDA Hugging Face layout.
 
-`python -m pretrain.export_hf --checkpoint DIR --out DIR [--dtype bf16|fp32] [--max-shard-size 5GB]`
+`python -m pretrain.export_hf --checkpoint DIR --out DIR [--dtype bf16|fp32] [--max-shard-size 5GB] [--if-finished]`
 
 Every checkpoint, whatever its layout (one process, ZeRO-3 partitions, tensor-parallel shards),
 publishes the whole weights as `model.safetensors` (ZeRO partitions gathered, TP shards
@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from data_pipeline.tokenizer import SPECIAL_TOKENS, TokenizerInfo, check_fits_model, load_tokenizer
-from pretrain.checkpoint import new_directory, weights_source
+from pretrain.checkpoint import new_directory, read_trainer_state, weights_checkpoint, weights_source
 from pretrain.hf_format import MODELING_FILES, FormatError, expected_tensors, released_config, require_tensors
 from pretrain.safetensors_stream import PlannedTensor, parse_size, read_tensor, write_sharded
 
@@ -94,8 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                         help="weight dtype of the export (the release is bf16)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB")
+    parser.add_argument("--if-finished", action="store_true",
+                        help="export only a checkpoint of its run's last step (train.steps); for an "
+                             "earlier one (a preempted run) say so and exit 0 without writing")
     args = parser.parse_args(argv)
     try:
+        if args.if_finished:
+            step_dir = weights_checkpoint(args.checkpoint)
+            step = read_trainer_state(step_dir)["step"]
+            steps = yaml.safe_load((step_dir / "config.yaml").read_text())["train"]["steps"]
+            if step < steps:
+                print(f"export skipped: {step_dir} is step {step} of {steps}; resume the run, then export")
+                return 0
         export(args.checkpoint, args.out, DTYPES[args.dtype], parse_size(args.max_shard_size))
     except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"export error: {e}", file=sys.stderr)

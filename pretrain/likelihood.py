@@ -114,14 +114,17 @@ TokenCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 
 @torch.no_grad()
 def sequence_nll_bound(token_ce: TokenCrossEntropy, seq: torch.Tensor, *, mask_id: int,
-                       mc_num: int, batch_size: int, generator: torch.Generator) -> float:
-    """Algorithm 3 with an empty prompt, through the per-token cross-entropy path: an upper bound
-    on -log p(seq) in nats (seq [L]). The validation metric during training."""
+                       mc_num: int, batch_size: int, generator: torch.Generator,
+                       prompt_length: int = 0) -> float:
+    """Algorithm 3 through the per-token cross-entropy path: an upper bound on
+    -log p(answer | prompt) in nats, where seq [s] is the prompt (its first `prompt_length`
+    tokens, never masked; empty by default) followed by the answer. The validation metric
+    during training: whole held-out rows in pretraining, held-out answers in SFT."""
     n_batches = _monte_carlo_batches(mc_num, batch_size)
     rows = seq.long()[None, :].repeat(batch_size, 1)
     total = 0.0
     for _ in range(n_batches):
-        noisy, masked, p_mask = likelihood_noise(rows, 0, mask_id, generator)
+        noisy, masked, p_mask = likelihood_noise(rows, prompt_length, mask_id, generator)
         ce = token_ce(noisy, rows, masked)
         total += ((ce * masked / p_mask[:, None]).sum() / batch_size).item()
     return total / n_batches

@@ -88,15 +88,19 @@ def sft_noise(input_ids: torch.Tensor, prompt_lengths: torch.Tensor, mask_id: in
     return NoisedBatch(noisy=noisy, masked=masked, p_mask=nb.p_mask)
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
-             nb: NoisedBatch) -> torch.Tensor:
-    """Algorithm 2: per row, sum of CE / p_mask over masked answer positions divided by that
-    row's answer length (EOS padding included: it is masked and trained), then mean over rows."""
-    l = input_ids.shape[1]
-    answer_len = (l - prompt_lengths).clamp(min=1).float()
-    ce = token_cross_entropy(logits, input_ids)
+def sft_loss_from_ce(ce: torch.Tensor, prompt_lengths: torch.Tensor, nb: NoisedBatch) -> torch.Tensor:
+    """Algorithm 2 from per-token cross-entropy [b, l]: per row, sum of CE / p_mask over masked
+    answer positions divided by that row's answer length (EOS padding included: it is masked
+    and trained), then mean over rows."""
+    answer_len = (ce.shape[1] - prompt_lengths).clamp(min=1).float()
     per_row = (ce * nb.masked / nb.p_mask[:, None]).sum(dim=1) / answer_len
     return per_row.mean()
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
+             nb: NoisedBatch) -> torch.Tensor:
+    """Algorithm 2 from logits (any model that maps ids to logits)."""
+    return sft_loss_from_ce(token_cross_entropy(logits, input_ids), prompt_lengths, nb)
 
 
 def next_token_targets(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

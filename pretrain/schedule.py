@@ -35,7 +35,9 @@ class ScheduleConfig:
 
     KINDS = ("llada_pretrain", "sft", "cosine", "constant")
 
-    def problems(self) -> list[str]:
+    def problems(self, total_steps_from_run: bool = False) -> list[str]:
+        """One line per invalid field; total_steps_from_run: the run sets total_steps later
+        (SFT by epochs)."""
         out = []
         if self.kind not in self.KINDS:
             out.append(f"schedule.kind: {self.kind!r} is not one of {', '.join(self.KINDS)}")
@@ -47,7 +49,7 @@ class ScheduleConfig:
         for name in ("stable_tokens", "mid_tokens", "decay_tokens"):
             if getattr(self, name) < 0:
                 out.append(f"schedule.{name}: must be >= 0")
-        if self.kind in ("sft", "cosine") and self.total_steps <= 0:
+        if self.kind in ("sft", "cosine") and self.total_steps <= 0 and not total_steps_from_run:
             out.append(f"schedule.total_steps: the {self.kind} schedule needs the run's total "
                        f"optimizer steps (> 0), got {self.total_steps}")
         if not 0 <= self.decay_fraction <= 1:

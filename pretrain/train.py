@@ -3,12 +3,16 @@
 One loop, always on a DeepSpeed engine (a single CPU process is a world of one), for the
 masked diffusion objective and the autoregressive baseline, at any layout: the rank layout and
 memory plan are resolved and printed before anything is allocated (`--dry-run` stops there),
-the model is built as megatron-core tensor-parallel shards when `parallel.tensor_parallel` > 1
+the model is built as megatron-core tensor-parallel shards when `parallel.tensor_parallel` > 1,
+as DeepSpeed pipeline stages (`parallel.pipeline`) when `parallel.pipeline_parallel` > 1,
 and partitioned by `zero.Init` under ZeRO-3. Each optimizer step runs `gradient accumulation`
 micro-batches; the data order and 1% length cut are keyed on the data-parallel rank, t and the
 masks on (seed, step, row of the global batch); the learning rate follows the configured
 schedule keyed on tokens seen; held-out loss on a fixed t grid, checkpoints and a closing
-sample come from the config."""
+sample come from the config. Supervised fine-tuning (`train.objective: sft`) is the same loop
+on conversation batches with Algorithm 2, usually started from imported weights
+(`train.init_from`), validated by the Algorithm 3 bound on held-out answers, and sampled
+through the chat template."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 import yaml
 
 from data_pipeline.seeding import keyed_generator
+from data_pipeline.sft import ChatTemplate
 from parallel import engine as ds
 from parallel.memory_plan import parameter_count
 from parallel.model import LLaDAModel, no_weight_decay
@@ -36,10 +41,15 @@ from pretrain.data_setup import build_training_data
 from pretrain.guard_rails import GuardRails, HangWatchdog
 from pretrain.layout import (Layout, deepspeed_config_text, engine_config, gpu_budget_bytes,
                              launch_report, memory_estimate, resolve_layout)
+from pretrain.flops import FlopMeter
 from pretrain.metrics import MetricsLogger
 from pretrain.preemption import PreemptionFlag
+from pretrain.rank_failures import exit_after_collective_failure, is_collective_failure, tee_to_rank_log
+from pretrain.stragglers import StragglerMonitor
+from pretrain.throughput import StepProfiler
 from pretrain.objectives import (NoisedBatch, ar_loss_from_ce, draw_mask, draw_t, forward_process,
-                                 next_token_targets, p_mask_of, pretrain_loss_from_ce)
+                                 next_token_targets, p_mask_of, pretrain_loss_from_ce, sft_loss_from_ce,
+                                 sft_noise)
 from pretrain.sampling import (SamplerConfig, all_ranks_agree, generate, generate_autoregressive,
                                strip_at_eos)
 from pretrain.schedule import lr_at
@@ -76,74 +86,120 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.schedule.peak_lr, betas=cfg.optim.betas,
-                             eps=cfg.optim.eps)
+                             eps=cfg.optim.eps, fused=cfg.fast.fused_adamw)
 
 
-def source_metrics(counters: dict[str, dict[str, int]]) -> dict[str, float]:
-    """Per-source tokens summed over data-parallel ranks, and each source's epoch on this rank."""
+def source_metrics(counters: dict[str, dict[str, int]], ranks_per_replica: int) -> dict[str, float]:
+    """Per-source tokens summed over data-parallel ranks (the tensor- and pipeline-parallel
+    ranks of a replica read the same data: counted once), and each source's epoch on this rank."""
     names = sorted(counters)
     totals = all_reduce([counters[n]["tokens"] for n in names])
-    out = {f"data/{n}/tokens": t for n, t in zip(names, totals)}
+    out = {f"data/{n}/tokens": t / ranks_per_replica for n, t in zip(names, totals)}
     out.update({f"data/{n}/epoch": counters[n]["epoch"] for n in names})
     return out
 
 
 def all_reduce(values: list[float], op=torch.distributed.ReduceOp.SUM) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    """The values reduced over every rank, as a float64 tensor on this rank's device (NCCL
+    reduces device tensors only)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=op)
     return t.tolist()
 
 
-def draw_noise(batch: torch.Tensor, mask_id: int, seed: int, step: int, first_row: int) -> NoisedBatch:
+def draw_noise(batch: torch.Tensor, mask_id: int, seed: int, step: int, first_row: int,
+               prompt_lengths: torch.Tensor | None = None) -> NoisedBatch:
     """t and the mask of each row from a generator keyed by (seed, step, global row index): the
     tensor-parallel ranks of a replica draw the same noise, replicas draw different noise, and a
-    row gets the same noise whichever rank and micro-step it lands on."""
+    row gets the same noise whichever rank and micro-step it lands on. With `prompt_lengths`
+    (SFT), each row's prompt is then unmasked."""
     rows_t, rows_masked = [], []
     for i in range(batch.shape[0]):
         gen = keyed_generator(seed, "noise", step, first_row + i, device=batch.device)
         t = draw_t(1, gen, batch.device)
         rows_t.append(t)
         rows_masked.append(draw_mask(p_mask_of(t), batch.shape[1], gen))
-    return forward_process(batch, mask_id, t=torch.cat(rows_t), masked=torch.cat(rows_masked))
+    t, masked = torch.cat(rows_t), torch.cat(rows_masked)
+    if prompt_lengths is not None:
+        return sft_noise(batch, prompt_lengths, mask_id, t=t, masked=masked)
+    return forward_process(batch, mask_id, t=t, masked=masked)
 
 
 def micro_batch_loss(engine, cfg: RunConfig, batch: torch.Tensor, mask_id: int, step: int,
-                     first_row: int) -> torch.Tensor:
+                     first_row: int, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The objective's loss of one micro-batch: Algorithm 1, Algorithm 2 (SFT, with the rows'
+    prompt lengths) or the AR baseline's, through the engine's chunked cross-entropy."""
     if cfg.train.objective == "arm":
         return ar_loss_from_ce(engine(batch, *next_token_targets(batch)))
-    nb = draw_noise(batch, mask_id, cfg.train.seed, step, first_row)
-    return pretrain_loss_from_ce(engine(nb.noisy, targets=batch, loss_mask=nb.masked), nb)
+    nb = draw_noise(batch, mask_id, cfg.train.seed, step, first_row, prompt_lengths)
+    ce = engine(nb.noisy, targets=batch, loss_mask=nb.masked)
+    return pretrain_loss_from_ce(ce, nb) if prompt_lengths is None else sft_loss_from_ce(ce, prompt_lengths, nb)
 
 
-def build_model(cfg: RunConfig, ds_config: dict) -> tuple[LLaDAModel, object]:
+def pipeline_loss(ce: torch.Tensor, labels: tuple) -> torch.Tensor:
+    """Algorithm 1 at a pipeline's last stage; labels are (targets, masked, p_mask)."""
+    _, masked, p_mask = labels
+    return pretrain_loss_from_ce(ce, NoisedBatch(noisy=None, masked=masked, p_mask=p_mask))
+
+
+def pipeline_step(engine, cfg: RunConfig, batches: list[torch.Tensor], mask_id: int, step: int,
+                  dp_rank: int, dp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of a pipeline engine (`parallel.pipeline`) over this replica's
+    micro-batches, their noise drawn as `micro_batch_loss` draws it and carried as (noisy ids,
+    (targets, masked, p_mask)). Returns (the sum of the micro-batches' losses, the largest logit)."""
+    from parallel.pipeline import train_step
+
+    micro_batches = []
+    for micro_step, batch in enumerate(batches):
+        first_row = (micro_step * dp_size + dp_rank) * cfg.train.micro_batch_size
+        nb = draw_noise(batch, mask_id, cfg.train.seed, step, first_row)
+        micro_batches.append((nb.noisy, (batch, nb.masked, nb.p_mask)))
+    mean_loss, max_logit = train_step(engine, micro_batches)
+    return mean_loss * len(batches), max_logit
+
+
+def build_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, object]:
     """The model for this rank (a TP shard when tensor_parallel > 1, built partitioned under
-    ZeRO-3) and the `mpu` adapter DeepSpeed needs for TP (None at TP 1)."""
+    ZeRO-3; this rank's pipeline stage when pipeline_parallel > 1) and the `mpu` adapter
+    DeepSpeed needs for TP (None at TP 1 and for a pipeline)."""
     layers, mpu = None, None
     tp = cfg.parallel.tensor_parallel
     # Weights come from the model's own seeded generator; seeding the global RNG as well keeps
     # anything a library draws at construction (megatron-core's CPU initialisation) identical
     # on every rank and run.
     torch.manual_seed(cfg.train.seed)
+    pp = cfg.parallel.pipeline_parallel
     if tp > 1:
         from parallel.tensor_parallel import MegatronMpu, TensorParallelLayers, initialize_groups
-        initialize_groups(tp)
+        initialize_groups(tp, pp)
         layers, mpu = TensorParallelLayers(tp), MegatronMpu()
+    if pp > 1:  # this rank's stage; DeepSpeed takes its groups from the pipeline's topology
+        from parallel.pipeline import LLaDAPipeline
+        return LLaDAPipeline(cfg.model, layers, pipeline_parallel=pp, loss_from_ce=pipeline_loss,
+                             attention_backend=cfg.train.attention_backend, init_seed=cfg.train.seed,
+                             activation_checkpointing=cfg.memory.activation_checkpointing,
+                             loss_chunk_tokens=cfg.memory.loss_chunk_tokens), None
     with ds.model_construction(ds_config, mpu, enabled=cfg.parallel.zero_init):
         model = LLaDAModel(cfg.model, layers, attention_backend=cfg.train.attention_backend,
                            init_seed=cfg.train.seed,
                            activation_checkpointing=cfg.memory.activation_checkpointing,
-                           loss_chunk_tokens=cfg.memory.loss_chunk_tokens)
+                           loss_chunk_tokens=cfg.memory.loss_chunk_tokens,
+                           pointwise="compiled" if cfg.fast.compile_pointwise else "eager")
     return model, mpu
 
 
 @torch.no_grad()
 def closing_sample(model, cfg: RunConfig, tok, device) -> list[int]:
     """The generated ids (cut at the first EOS) for `sample.prompt`: the reverse process for the
-    MDM, left-to-right decoding for the AR baseline."""
+    MDM, left-to-right decoding for the AR baseline; after SFT the prompt is a user turn of the
+    chat template and the answer ends at its EoT."""
     model.eval()
     s = cfg.sample
-    prompt = torch.tensor([tok.encode(s.prompt)], device=device)
+    chat = ChatTemplate(tok) if cfg.train.objective == "sft" else None
+    prompt_ids = chat.prompt([{"role": "user", "content": s.prompt}]) if chat else tok.encode(s.prompt)
+    prompt = torch.tensor([prompt_ids], device=device)
     generator = keyed_generator(cfg.train.seed, "sample", device=device)
     if cfg.train.objective == "arm":
         out = generate_autoregressive(model, prompt, gen_length=s.gen_length,
@@ -154,7 +210,8 @@ def closing_sample(model, cfg: RunConfig, tok, device) -> list[int]:
     # every rank runs the same prompt; the early stop at EOS is still agreed, as the forwards are collective
     sample = generate(model, prompt, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.special_ids["eot"],
                       config=config, generator=generator, agree=all_ranks_agree)
-    return sample.answers(tok.eos_id)[0]
+    answer = sample.answers(tok.eos_id)[0]
+    return strip_at_eos(answer, chat.eot_id) if chat else answer
 
 
 def dry_run(cfg: RunConfig, world_size: int) -> int:
@@ -192,6 +249,16 @@ def resume_point(root: Path, resume: str | None) -> Path | None:
     return Path(choice[0]) if choice[0] else None
 
 
+def steps_for_epochs(cfg: RunConfig, stream, layout: Layout) -> int:
+    """Optimizer steps in `train.epochs` passes over the SFT conversations (epoch 0's plan)."""
+    steps = cfg.train.epochs * stream.micro_batches_per_epoch() // layout.grad_accum
+    if steps < 1:
+        raise ConfigError(f"train.epochs: {cfg.train.epochs} epoch(s) of {stream.micro_batches_per_epoch()} "
+                          f"micro-batches per rank make no optimizer step of {layout.grad_accum} "
+                          f"micro-batches; give more conversations or a smaller train.global_batch_size")
+    return steps
+
+
 # Fields a run may change from the weights it starts from: context length and init settings.
 _INIT_FROM_MAY_CHANGE = ("max_sequence_length", "init_fn", "init_cutoff_factor")
 
@@ -222,13 +289,19 @@ def run(cfg: RunConfig, resume: str | None = None) -> None:
     quiet_libraries()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = resolve_layout(cfg, world_size)  # before any process group or allocation
-    ds.init_distributed(cfg.parallel.rendezvous_timeout_s)
+    if cfg.logging.per_rank_logs:
+        tee_to_rank_log(cfg.train.out_dir, int(os.environ.get("RANK", "0")))
+    ds.init_distributed(cfg.parallel.rendezvous_timeout_s, cfg.parallel.collective_timeout_s)
     rank = torch.distributed.get_rank()
     Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
     preemption = PreemptionFlag()
     watchdog = HangWatchdog(cfg.guard.hang_timeout_s, rank).start()
     try:
         train(cfg, layout, rank, preemption, watchdog, resume)
+    except Exception as error:
+        if is_collective_failure(error):
+            exit_after_collective_failure(error, rank, *watchdog.position)
+        raise
     finally:
         watchdog.stop()
         preemption.close()
@@ -237,7 +310,7 @@ def run(cfg: RunConfig, resume: str | None = None) -> None:
 def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
           watchdog: HangWatchdog, resume: str | None) -> None:
     world_size = layout.world_size
-    grid = coordinates(rank, world_size, cfg.parallel.tensor_parallel)
+    grid = coordinates(rank, world_size, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
     dp_rank, dp_size = grid.dp_rank, grid.dp_size
     out_dir = Path(cfg.train.out_dir)
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
@@ -246,13 +319,15 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
     data = build_training_data(cfg, out_dir, rank=rank, dp_rank=dp_rank, dp_size=dp_size,
                                device=device)
     tok, mask_id = data.tokenizer, data.tokenizer.mask_id
+    if cfg.train.epochs:
+        cfg.train.steps = cfg.schedule.total_steps = steps_for_epochs(cfg, data.loader, layout)
 
     bf16 = ds.use_bf16(cfg.train.precision)
     ds_config = engine_config(cfg, layout)
     if rank == 0:
         print(launch_report(cfg, layout, memory_estimate(cfg, layout, bf16=bf16)), flush=True)
         (out_dir / "deepspeed_config.json").write_text(deepspeed_config_text(ds_config))
-    this_layout = {"tensor_parallel": layout.tensor_parallel, "data_parallel": layout.data_parallel}
+    this_layout = layout.checkpoint_key()
     guard = GuardRails(cfg.guard)
     start_step, tokens_seen = 0, 0.0
     last_good = resume_point(ckpt_root, resume)
@@ -274,6 +349,13 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
                            f"has {dp_size}: the engine was built without the right mpu")
     grad_accum = layout.grad_accum
     micro = cfg.train.micro_batch_size
+    sft = cfg.train.objective == "sft"
+    pipeline = layout.pipeline_parallel > 1
+    if pipeline:  # validation and the closing sample run the whole model's forward over the stages
+        from parallel.pipeline import PipelineForward
+        model_fn = PipelineForward(engine.module)
+    else:
+        model_fn = engine
 
     if state is not None:
         saved_cfg = yaml.safe_load((last_good / "config.yaml").read_text())
@@ -291,6 +373,9 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
                         progress_bar=cfg.logging.progress_bar)
     log.print(f"model {parameter_count(cfg.model) / 1e6:.2f}M params | tokenizer {tok.vocab_size} | "
               f"data {data.description} | {layout.describe()} | engine DP {engine.dp_world_size}")
+    if cfg.train.epochs:
+        log.print(f"{cfg.train.epochs} epoch(s) of {data.loader.micro_batches_per_epoch()} micro-batches "
+                  f"per rank: {cfg.train.steps} optimizer steps")
     for note in resume_notes:
         log.print(note)
     if last_good is not None:
@@ -302,7 +387,7 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
     def validate(step: int) -> dict:
         watchdog.beat(step, "validation")
         engine.module.eval()
-        result = heldout_metrics(engine, data.validation_batches, objective=cfg.train.objective,
+        result = heldout_metrics(model_fn, data.validation_batches, objective=cfg.train.objective,
                                  mask_id=mask_id, t_buckets=cfg.validation.t_buckets,
                                  seed=cfg.validation.seed)
         engine.module.train()
@@ -314,9 +399,9 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         watchdog.beat(step, "Algorithm 3 validation")
         v = cfg.validation
         engine.module.eval()
-        rows = torch.cat(data.validation_batches)[:v.elbo_sequences]
-        nll, tokens = heldout_elbo(engine, rows, dp_rank=dp_rank, dp_size=dp_size, mask_id=mask_id,
-                                   mc_num=v.elbo_mc_num, batch_size=v.elbo_batch_size, seed=v.seed)
+        nll, tokens = heldout_elbo(model_fn, data.elbo_examples, dp_rank=dp_rank, dp_size=dp_size,
+                                   mask_id=mask_id, mc_num=v.elbo_mc_num, batch_size=v.elbo_batch_size,
+                                   seed=v.seed)
         engine.module.train()
         nll, tokens = all_reduce([nll, tokens])
         log.log(step, {"tokens": tokens_seen, "val/elbo_nll": nll / tokens})
@@ -344,42 +429,80 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
     last_val = first_val
     saved_step = start_step if last_good is not None else None
     steps_run = 0
+    stragglers = StragglerMonitor(rank, cfg.logging.straggler_factor)
+    meter = None if pipeline else FlopMeter(
+        cfg.model, activation_checkpointing=cfg.memory.activation_checkpointing,
+        loss_chunk_tokens=cfg.memory.loss_chunk_tokens).attach(engine.module)
+    perf = StepProfiler(cfg.profile, meter=meter, out_dir=out_dir, rank=rank, world_size=world_size,
+                        ranks_per_replica=world_size // dp_size)
     for step in range(start_step, cfg.train.steps):
         done = step + 1
         lr = lr_at(cfg.schedule, step, tokens_seen)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         start = time.time()
+        perf.start_step()
         losses, max_logits, tokens = [], [], 0  # device tensors: one host sync per step
-        for micro_step in range(grad_accum):
-            watchdog.beat(done, f"micro-batch {micro_step} forward/backward")
-            batch = next(data.loader).tokens.to(device)
-            first_row = (micro_step * dp_size + dp_rank) * micro
-            loss = micro_batch_loss(engine, cfg, batch, mask_id, step, first_row)
-            if done in cfg.guard.inject_nan_at_steps:
-                loss = loss * float("nan")
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
-            tokens += batch.numel()
-            max_logits.append(engine.module.max_logit)
+        if pipeline:  # every stage reads the replica's micro-batches; the engine steps once
+            watchdog.beat(done, "pipeline forward/backward and optimizer step")
+            batches = [next(data.loader).tokens.to(device) for _ in range(grad_accum)]
+            perf.lap("data")
+            loss, max_logit = pipeline_step(engine, cfg, batches, mask_id, step, dp_rank, dp_size)
+            perf.lap("pipeline")
+            losses.append(loss)
+            max_logits.append(max_logit)
+            tokens += sum(batch.numel() for batch in batches)
+        else:
+            for micro_step in range(grad_accum):
+                watchdog.beat(done, f"micro-batch {micro_step} forward/backward")
+                item = next(data.loader)
+                if sft:
+                    batch, prompt_lengths = item.input_ids.to(device), item.prompt_lengths.to(device)
+                else:
+                    batch, prompt_lengths = item.tokens.to(device), None
+                perf.lap("data")
+                first_row = (micro_step * dp_size + dp_rank) * micro
+                loss = micro_batch_loss(engine, cfg, batch, mask_id, step, first_row, prompt_lengths)
+                if done in cfg.guard.inject_nan_at_steps:
+                    loss = loss * float("nan")
+                perf.lap("forward")
+                engine.backward(loss)
+                perf.lap("backward")
+                engine.step()
+                perf.lap("optimizer")
+                losses.append(loss.detach())
+                tokens += batch.numel()
+                max_logits.append(engine.module.max_logit)
         watchdog.beat(done, "all-reduce of the step metrics")
         loss_sum = torch.stack(losses).double().sum().item()
+        if rank == cfg.guard.inject_delay_rank:
+            time.sleep(cfg.guard.inject_delay_s)  # fault injection: a straggler
+        stragglers.arrived(done)
         loss_sum, tokens, preempted = all_reduce([loss_sum, tokens, preemption.raised])
+        stragglers.released()
         [max_logit] = all_reduce([torch.stack(max_logits).max().item()], op=torch.distributed.ReduceOp.MAX)
-        step_loss = loss_sum / (grad_accum * dp_size)
+        perf.lap("communication")
+        # every rank of a replica (its tensor- and pipeline-parallel ranks) reports the replica's
+        # micro-batch losses and tokens: count each replica once
+        step_loss = loss_sum / (grad_accum * world_size)
+        tokens /= world_size // dp_size
         tokens_seen += tokens
         steps_run += 1
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         verdict = guard.observe(done, step_loss, grad_norm, str(last_good) if last_good else None)
         elapsed = time.time() - start
+        perf.end_step(tokens)
         log.advance(step_loss, tokens / elapsed)
         record = {"loss": step_loss, "grad_norm": grad_norm, "max_logit": max_logit,
                   "skipped_steps": guard.skipped_total}
         if done % cfg.logging.every == 0 or done == cfg.train.steps:
+            straggler_metrics, straggler_warning = stragglers.report()
             record.update(lr=lr, tokens=tokens_seen, tokens_per_s=tokens / elapsed,
-                          **source_metrics(data.loader.counters()))
+                          **source_metrics(data.loader.counters(), world_size // dp_size), **straggler_metrics)
+            record.update(perf.report())
+            if straggler_warning:
+                log.print(straggler_warning)
         log.log(done, record)
         if verdict.halt:
             log.print(verdict.halt)
@@ -388,17 +511,19 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
             last_val = validate(done)
         if due(cfg.validation.elbo_every, done):
             validate_elbo(done)
-        if preempted or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
+        if (preempted or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)
+                or (done == cfg.train.steps and cfg.checkpoint.save_at_end)):
             last_good, saved_step = checkpoint(done), done
         if preempted:
             log.print(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved step "
                       f"{done}; continue with --resume auto")
             break
+    perf.close()
     log.print(f"ran {steps_run} steps ({start_step + 1}..{start_step + steps_run})")
 
     if saved_step == cfg.train.steps:
         watchdog.beat(cfg.train.steps, "closing sample")
-        sample_ids = closing_sample(engine.module, cfg, tok, device)
+        sample_ids = closing_sample(model_fn if pipeline else engine.module, cfg, tok, device)
         text = cfg.sample.prompt + tok.decode(sample_ids)
         log.log(cfg.train.steps, {"sample/ids": sample_ids, "sample/text": text})
         log.print(f"sample (prompt {cfg.sample.prompt!r}):\n{text}")

@@ -8,8 +8,8 @@ per-bucket values show where the model improves. The AR baseline is scored by it
 next-token loss on the same batches.
 
 The Algorithm 3 bound (`heldout_elbo`) scores whole held-out rows as answers to an empty prompt
-with the official stratified masking: the same bound the evaluation reports, costlier, so it
-has its own period. Rows are split over the data-parallel ranks by the evaluation sampler (a
+(in SFT: held-out responses given their prompts) with the official stratified masking: the
+same bound the evaluation reports, costlier, so it has its own period. Rows are split over the data-parallel ranks by the evaluation sampler (a
 short rank scores a dummy row), each row's draws are keyed by its index, so the value does not
 depend on the layout, and every rank runs the same number of forwards.
 """
@@ -59,15 +59,19 @@ def heldout_metrics(token_ce: TokenCrossEntropy, batches: list[torch.Tensor],
 
 
 @torch.no_grad()
-def heldout_elbo(token_ce: TokenCrossEntropy, rows: torch.Tensor, *, dp_rank: int, dp_size: int,
-                 mask_id: int, mc_num: int, batch_size: int, seed: int) -> tuple[float, int]:
-    """(sum of the rows' negative bounds in nats, their token count) over this rank's share of
-    `rows` [n, L]; the caller sums both over ranks (tensor-parallel peers score the same rows,
-    which scales both sums alike) and divides."""
+def heldout_elbo(token_ce: TokenCrossEntropy, examples: list[tuple[torch.Tensor, int]], *,
+                 dp_rank: int, dp_size: int, mask_id: int, mc_num: int, batch_size: int,
+                 seed: int) -> tuple[float, int]:
+    """(sum of the examples' negative bounds in nats, their answer token count) over this rank's
+    share of `examples`, each (prompt + answer ids [s], prompt length): a held-out row with an
+    empty prompt in pretraining, a held-out (prompt, response) pair in SFT. The caller sums both
+    over ranks (tensor-parallel peers score the same examples, which scales both sums alike) and
+    divides."""
     total, tokens = 0.0, 0
-    for index, row in shard_examples(list(rows), dp_rank, dp_size):
-        nll = sequence_nll_bound(token_ce, row, mask_id=mask_id, mc_num=mc_num, batch_size=batch_size,
-                                 generator=keyed_generator(seed, "elbo", index or 0, device=row.device))
+    for index, (seq, prompt_length) in shard_examples(examples, dp_rank, dp_size):
+        nll = sequence_nll_bound(token_ce, seq, mask_id=mask_id, mc_num=mc_num, batch_size=batch_size,
+                                 generator=keyed_generator(seed, "elbo", index or 0, device=seq.device),
+                                 prompt_length=prompt_length)
         if index is not None:
-            total, tokens = total + nll, tokens + row.numel()
+            total, tokens = total + nll, tokens + seq.numel() - prompt_length
     return total, tokens

@@ -52,6 +52,37 @@ def test_bad_values_name_the_field(override, field):
     assert str(err.value).startswith(field)
 
 
+SFT = ["train.objective=sft", "data.source=sft", "data.paths=[recipes/tiny.yaml]",
+       "data.tokenizer=recipes/tiny.yaml", "validation.every=0"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["train.objective=sft"], "train.objective / data.source"),
+    (["data.source=sft", "data.paths=[recipes/tiny.yaml]"], "train.objective / data.source"),
+    ([*SFT, "validation.every=50"], "validation.every"),
+    ([*SFT, "data.tokenizer=null"], "data.tokenizer"),
+    ([*SFT, "validation.elbo_every=10"], "data.validation_path"),
+    ([*SFT, "data.validation_path=/no/such.jsonl"], "data.validation_path"),
+    ([*SFT, "data.sft_pairs=some"], "data.sft_pairs"),
+    (["train.epochs=3"], "train.epochs"),
+])
+def test_bad_sft_settings_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert field in str(err.value)
+
+
+def test_sft_epochs_stand_in_for_the_schedule_length():
+    cfg = load_config("recipes/llada_8b_sft.yaml", ["data.paths=[recipes/tiny.yaml]",
+                                                    "data.tokenizer=recipes/tiny.yaml",
+                                                    "data.validation_path=recipes/tiny.yaml"])
+    assert (cfg.train.epochs, cfg.schedule.kind, cfg.schedule.total_steps) == (3, "sft", 0)
+    assert (cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.schedule.peak_lr) == (256, 2, 2.5e-5)
+    with pytest.raises(ConfigError, match="schedule.total_steps"):
+        load_config("recipes/llada_8b_sft.yaml", ["data.paths=[recipes/tiny.yaml]", "train.epochs=0",
+                                                  "data.tokenizer=recipes/tiny.yaml", "validation.elbo_every=0"])
+
+
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="--config: no such file"):
         load_config("recipes/none.yaml")

@@ -191,10 +191,11 @@ def test_errors():
                                    mc_num=4, batch_size=4, generator=g)
 
 
-def test_validation_bound_is_algorithm_3_with_an_empty_prompt_and_splits_over_ranks():
+def test_validation_bound_is_algorithm_3_and_splits_over_ranks():
     """The training-time bound (per-token CE path, no whole logits) equals minus the conditional
-    log-likelihood with an empty prompt, for the same draws; split over 2 data-parallel ranks
-    (the second scoring a dummy row) its sums equal one rank's."""
+    log-likelihood for the same draws, with an empty prompt (pretraining) and with a prompt (SFT
+    answers); split over 2 data-parallel ranks (the second scoring a dummy row) its sums equal
+    one rank's, and only answer tokens are counted."""
     from pretrain.likelihood import sequence_nll_bound
     from pretrain.validation import heldout_elbo
 
@@ -206,9 +207,17 @@ def test_validation_bound_is_algorithm_3_with_an_empty_prompt_and_splits_over_ra
     ll = conditional_log_likelihood(model, rows[0][:0], rows[0], mask_id=MASK, mc_num=8, batch_size=4,
                                     generator=torch.Generator().manual_seed(9))
     assert bound == pytest.approx(-ll, rel=1e-5)
+    answer_bound = sequence_nll_bound(model, rows[0], mask_id=MASK, mc_num=8, batch_size=4,
+                                      generator=torch.Generator().manual_seed(9), prompt_length=5)
+    answer_ll = conditional_log_likelihood(model, rows[0][:5], rows[0][5:], mask_id=MASK, mc_num=8,
+                                           batch_size=4, generator=torch.Generator().manual_seed(9))
+    assert answer_bound == pytest.approx(-answer_ll, rel=1e-5)
+    assert answer_bound != pytest.approx(bound, rel=1e-2)
 
     kwargs = dict(mask_id=MASK, mc_num=4, batch_size=2, seed=3)
-    whole = heldout_elbo(model, rows, dp_rank=0, dp_size=1, **kwargs)
-    halves = [heldout_elbo(model, rows, dp_rank=r, dp_size=2, **kwargs) for r in (0, 1)]
-    assert whole[1] == 36 and [h[1] for h in halves] == [24, 12]  # the dummy row is not counted
-    assert sum(h[0] for h in halves) == pytest.approx(whole[0], rel=1e-6)
+    for prompt_length, counted in ((0, [24, 12]), (5, [14, 7])):
+        examples = [(row, prompt_length) for row in rows]
+        whole = heldout_elbo(model, examples, dp_rank=0, dp_size=1, **kwargs)
+        halves = [heldout_elbo(model, examples, dp_rank=r, dp_size=2, **kwargs) for r in (0, 1)]
+        assert whole[1] == sum(counted) and [h[1] for h in halves] == counted  # no dummy, no prompt
+        assert sum(h[0] for h in halves) == pytest.approx(whole[0], rel=1e-6)

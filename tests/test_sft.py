@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data_pipeline.corpus import stdlib_root
-from data_pipeline.sft import (ChatTemplate, SFTBatches, SFTCounts, SFTPair, choose_pairs, collate_sft, fit_to_length,
-                               load_sft_pairs, read_dialogues)
+from data_pipeline.sft import (ChatTemplate, SFTBatches, SFTCounts, SFTPair, SFTStream, choose_pairs, collate_sft,
+                               fit_to_length, load_sft_pairs, read_dialogues)
 from data_pipeline.tokenizer import train_bpe
 from pretrain.objectives import sft_loss, sft_noise
 
@@ -230,3 +230,24 @@ def test_fixed_width_batches_pad_every_row_to_seq_len(tokenizer, sft_file):
     assert all(len(row) == 96 for ids, _ in batches for row in ids)
     with pytest.raises(ValueError, match="seq_len=96"):
         make_batches(tokenizer, sft_file, pad_to=95)
+
+
+def test_stream_runs_epoch_after_epoch_and_refuses_other_data_on_resume(tokenizer, sft_file):
+    """The trainer's stream: epochs back to back (5 batches each here), resumable mid-epoch, and a
+    saved position is refused for other conversations or batch settings, naming what changed."""
+    stream = SFTStream(make_batches(tokenizer, sft_file), {"conversations_sha256": "a"})
+    assert stream.micro_batches_per_epoch() == 5
+    epochs = as_lists(next(stream) for _ in range(12))
+    assert epochs[:5] == as_lists(make_batches(tokenizer, sft_file))
+    assert stream.counters()["sft"]["epoch"] == 2 and stream.state_dict()["position"] == 2
+
+    resumed = SFTStream(make_batches(tokenizer, sft_file), {"conversations_sha256": "a"})
+    resumed.load_state_dict(stream.state_dict())
+    assert as_lists([next(resumed)]) == as_lists([next(stream)])
+    with pytest.raises(ValueError, match="conversations_sha256: 'a' in the checkpoint, 'b' now"):
+        SFTStream(make_batches(tokenizer, sft_file), {"conversations_sha256": "b"}).load_state_dict(stream.state_dict())
+    with pytest.raises(ValueError, match="batch_size: 2 in the checkpoint, 3 now"):
+        SFTStream(make_batches(tokenizer, sft_file, batch_size=3),
+                  {"conversations_sha256": "a"}).load_state_dict(stream.state_dict())
+    with pytest.raises(ValueError, match="no full global batch"):
+        next(SFTStream(make_batches(tokenizer, sft_file, batch_size=12), {}))
