@@ -21,6 +21,7 @@ runs the epochs back to back for the training loop and checkpoints its position.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -287,10 +288,12 @@ class SFTStream:
         self._iterator: Iterator[SFTBatch] | None = None
         self.answer_tokens = 0  # response and padding positions this rank has trained on
 
-    def micro_batches_per_epoch(self) -> int:
-        """Micro-batches each rank runs in one epoch (epoch 0's plan; "drop" and "one" pair per
-        dialogue can change it by a batch or two in later epochs)."""
-        return len(self.batches.epoch_plan(0)[0])
+    @functools.cached_property
+    def first_epoch(self) -> tuple[int, SFTCounts]:
+        """(micro-batches each rank runs in epoch 0, that epoch's counts), planned once: "drop"
+        and "one" pair per dialogue can change the count by a batch or two in later epochs."""
+        plan, counts = self.batches.epoch_plan(0)
+        return len(plan), counts
 
     def __iter__(self) -> "SFTStream":
         return self

@@ -68,6 +68,20 @@ def init_distributed(rendezvous_timeout_s: float = 300.0, collective_timeout_s: 
                                    timeout=timedelta(seconds=collective_timeout_s))
 
 
+def rank_device() -> torch.device:
+    """This rank's device: the GPU `init_distributed` bound it to, else the CPU. NCCL reduces
+    tensors on it only."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce(values: list[float], op=torch.distributed.ReduceOp.SUM) -> list[float]:
+    """The values reduced over every rank (as they are in a world of one), in float64."""
+    t = torch.tensor(values, dtype=torch.float64, device=rank_device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=op)
+    return t.tolist()
+
+
 def exit_together(code: int = 0) -> NoReturn:
     """End a launched process once every rank is done: a barrier, the process group destroyed,
     output flushed, then `os._exit`. A normal interpreter exit after a DeepSpeed engine on gloo

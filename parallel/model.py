@@ -266,10 +266,6 @@ class LLaDAModel(nn.Module):
         set, `parallel.pipeline.LLaDAPipeline`, maps its names to these)."""
         return self.named_parameters()
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None,
-                   positions: torch.Tensor | None) -> torch.Tensor:
-        return run_block(block, x, key_mask, positions, self.activation_checkpointing)
-
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
@@ -282,7 +278,7 @@ class LLaDAModel(nn.Module):
             key_mask, positions = _padding(attention_mask, input_ids.shape, input_ids.device)
             x = t.wte(input_ids)
             for block in t.blocks:
-                x = self._run_block(block, x, key_mask, positions)
+                x = run_block(block, x, key_mask, positions, self.activation_checkpointing)
         else:
             if targets is not None:
                 raise ValueError("a KV cache is for inference: pass targets or past_key_values, not both")

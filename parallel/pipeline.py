@@ -18,8 +18,8 @@ Stage boundaries carry the full hidden state [b, l, d]: a boundary lies between 
 row-parallel layer's all-reduce, never inside a tensor-parallel region. DeepSpeed's default
 `pipe_partitioned`/`grad_partitioned` would split those activations over the TP group with
 shapes cached from the first micro-batch; the engine config switches them off
-(`parallel.engine_config`) and the module runs with `dynamic_shape=True`, so a micro-batch cut short by the 1% rule crosses the boundary
-at its own length instead of being padded back.
+(`parallel.engine_config`) and the module runs with `dynamic_shape=True`, so a micro-batch cut
+short by the 1% rule crosses the boundary at its own length instead of being padded back.
 
 Importing this module imports DeepSpeed (after `parallel.engine` prepared the process for it).
 """

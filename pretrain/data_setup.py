@@ -114,9 +114,9 @@ def _sft_data(cfg: RunConfig, *, dp_rank: int, dp_size: int, device: torch.devic
                              f"that fits data.seq_len {d.seq_len}")
         examples = [(torch.tensor(pair.prompt + pair.response, device=device), len(pair.prompt))
                     for pair in kept[:v.elbo_sequences]]
-    plan, counts = batches.epoch_plan(0)
+    micro_batches, counts = loader.first_epoch
     description = (f"sft: {len(dialogues):,} conversations in {len(d.paths)} file(s), "
-                   f"{len(plan)} micro-batches per rank and epoch "
+                   f"{micro_batches} micro-batches per rank and epoch "
                    f"({counts.truncated} truncated, {counts.dropped} dropped, {counts.left_over} left over "
                    f"in epoch 0), {len(examples)} held-out answers")
     return TrainingData(tok, loader, [], examples, description)

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from parallel.engine import rank_device
+
 
 class StragglerMonitor:
     """Call `released()` when the step's closing collective returns and `arrived(step)` just
@@ -33,8 +35,7 @@ class StragglerMonitor:
         self.hosts = [socket.gethostname()] * self.world_size
         if self.world_size > 1:
             torch.distributed.all_gather_object(self.hosts, socket.gethostname())
-        # NCCL gathers device tensors only.
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.device = rank_device()  # NCCL gathers device tensors only
         self._released = time.perf_counter()
         self._seconds: list[float] = []
         self._steps: list[int] = []

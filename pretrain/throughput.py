@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from parallel.engine import all_reduce
 from pretrain.flops import Flops, FlopMeter, device_name, mfu, peak_tflops
 
 # "pipeline": forward, backward and optimizer interleaved by the PipelineEngine (pipeline runs only)
@@ -209,9 +210,5 @@ class StepProfiler:
 
 def _sum_over_ranks(flops: Flops, ranks_per_replica: int) -> Flops:
     """Every rank's FLOPs summed, each replica counted once (its TP/PP ranks see its batches)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    values = torch.tensor([flops.model, flops.executed], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():  # NCCL reduces device tensors only
-        torch.distributed.all_reduce(values)
-    model, executed = (values / ranks_per_replica).tolist()
-    return Flops(model=model, executed=executed)
+    model, executed = all_reduce([flops.model, flops.executed])
+    return Flops(model=model / ranks_per_replica, executed=executed / ranks_per_replica)

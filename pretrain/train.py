@@ -93,20 +93,10 @@ def source_metrics(counters: dict[str, dict[str, int]], ranks_per_replica: int) 
     """Per-source tokens summed over data-parallel ranks (the tensor- and pipeline-parallel
     ranks of a replica read the same data: counted once), and each source's epoch on this rank."""
     names = sorted(counters)
-    totals = all_reduce([counters[n]["tokens"] for n in names])
+    totals = ds.all_reduce([counters[n]["tokens"] for n in names])
     out = {f"data/{n}/tokens": t / ranks_per_replica for n, t in zip(names, totals)}
     out.update({f"data/{n}/epoch": counters[n]["epoch"] for n in names})
     return out
-
-
-def all_reduce(values: list[float], op=torch.distributed.ReduceOp.SUM) -> list[float]:
-    """The values reduced over every rank, as a float64 tensor on this rank's device (NCCL
-    reduces device tensors only)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=op)
-    return t.tolist()
 
 
 def draw_noise(batch: torch.Tensor, mask_id: int, seed: int, step: int, first_row: int,
@@ -125,6 +115,12 @@ def draw_noise(batch: torch.Tensor, mask_id: int, seed: int, step: int, first_ro
     if prompt_lengths is not None:
         return sft_noise(batch, prompt_lengths, mask_id, t=t, masked=masked)
     return forward_process(batch, mask_id, t=t, masked=masked)
+
+
+def first_global_row(micro_step: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> int:
+    """The index, in the step's global batch, of the first row of this rank's `micro_step`-th
+    micro-batch: the key of its rows' noise, whatever the split over ranks and micro-steps."""
+    return (micro_step * dp_size + dp_rank) * micro_batch_size
 
 
 def micro_batch_loss(engine, cfg: RunConfig, batch: torch.Tensor, mask_id: int, step: int,
@@ -153,7 +149,7 @@ def pipeline_step(engine, cfg: RunConfig, batches: list[torch.Tensor], mask_id: 
 
     micro_batches = []
     for micro_step, batch in enumerate(batches):
-        first_row = (micro_step * dp_size + dp_rank) * cfg.train.micro_batch_size
+        first_row = first_global_row(micro_step, dp_rank, dp_size, cfg.train.micro_batch_size)
         nb = draw_noise(batch, mask_id, cfg.train.seed, step, first_row)
         micro_batches.append((nb.noisy, (batch, nb.masked, nb.p_mask)))
     mean_loss, max_logit = train_step(engine, micro_batches)
@@ -251,9 +247,10 @@ def resume_point(root: Path, resume: str | None) -> Path | None:
 
 def steps_for_epochs(cfg: RunConfig, stream, layout: Layout) -> int:
     """Optimizer steps in `train.epochs` passes over the SFT conversations (epoch 0's plan)."""
-    steps = cfg.train.epochs * stream.micro_batches_per_epoch() // layout.grad_accum
+    micro_batches, _ = stream.first_epoch
+    steps = cfg.train.epochs * micro_batches // layout.grad_accum
     if steps < 1:
-        raise ConfigError(f"train.epochs: {cfg.train.epochs} epoch(s) of {stream.micro_batches_per_epoch()} "
+        raise ConfigError(f"train.epochs: {cfg.train.epochs} epoch(s) of {micro_batches} "
                           f"micro-batches per rank make no optimizer step of {layout.grad_accum} "
                           f"micro-batches; give more conversations or a smaller train.global_batch_size")
     return steps
@@ -314,7 +311,7 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
     dp_rank, dp_size = grid.dp_rank, grid.dp_size
     out_dir = Path(cfg.train.out_dir)
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = ds.rank_device()
 
     data = build_training_data(cfg, out_dir, rank=rank, dp_rank=dp_rank, dp_size=dp_size,
                                device=device)
@@ -374,7 +371,7 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
     log.print(f"model {parameter_count(cfg.model) / 1e6:.2f}M params | tokenizer {tok.vocab_size} | "
               f"data {data.description} | {layout.describe()} | engine DP {engine.dp_world_size}")
     if cfg.train.epochs:
-        log.print(f"{cfg.train.epochs} epoch(s) of {data.loader.micro_batches_per_epoch()} micro-batches "
+        log.print(f"{cfg.train.epochs} epoch(s) of {data.loader.first_epoch[0]} micro-batches "
                   f"per rank: {cfg.train.steps} optimizer steps")
     for note in resume_notes:
         log.print(note)
@@ -403,7 +400,7 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
                                    mask_id=mask_id, mc_num=v.elbo_mc_num, batch_size=v.elbo_batch_size,
                                    seed=v.seed)
         engine.module.train()
-        nll, tokens = all_reduce([nll, tokens])
+        nll, tokens = ds.all_reduce([nll, tokens])
         log.log(step, {"tokens": tokens_seen, "val/elbo_nll": nll / tokens})
         log.print(f"step {step}: held-out Algorithm 3 bound {nll / tokens:.4f} nats/token")
 
@@ -461,7 +458,7 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
                 else:
                     batch, prompt_lengths = item.tokens.to(device), None
                 perf.lap("data")
-                first_row = (micro_step * dp_size + dp_rank) * micro
+                first_row = first_global_row(micro_step, dp_rank, dp_size, micro)
                 loss = micro_batch_loss(engine, cfg, batch, mask_id, step, first_row, prompt_lengths)
                 if done in cfg.guard.inject_nan_at_steps:
                     loss = loss * float("nan")
@@ -478,9 +475,9 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         if rank == cfg.guard.inject_delay_rank:
             time.sleep(cfg.guard.inject_delay_s)  # fault injection: a straggler
         stragglers.arrived(done)
-        loss_sum, tokens, preempted = all_reduce([loss_sum, tokens, preemption.raised])
+        loss_sum, tokens, preempted = ds.all_reduce([loss_sum, tokens, preemption.raised])
         stragglers.released()
-        [max_logit] = all_reduce([torch.stack(max_logits).max().item()], op=torch.distributed.ReduceOp.MAX)
+        [max_logit] = ds.all_reduce([torch.stack(max_logits).max().item()], op=torch.distributed.ReduceOp.MAX)
         perf.lap("communication")
         # every rank of a replica (its tensor- and pipeline-parallel ranks) reports the replica's
         # micro-batch losses and tokens: count each replica once

@@ -236,7 +236,7 @@ def test_stream_runs_epoch_after_epoch_and_refuses_other_data_on_resume(tokenize
     """The trainer's stream: epochs back to back (5 batches each here), resumable mid-epoch, and a
     saved position is refused for other conversations or batch settings, naming what changed."""
     stream = SFTStream(make_batches(tokenizer, sft_file), {"conversations_sha256": "a"})
-    assert stream.micro_batches_per_epoch() == 5
+    assert stream.first_epoch == (5, SFTCounts(truncated=0, dropped=0, left_over=1))
     epochs = as_lists(next(stream) for _ in range(12))
     assert epochs[:5] == as_lists(make_batches(tokenizer, sft_file))
     assert stream.counters()["sft"]["epoch"] == 2 and stream.state_dict()["position"] == 2
