@@ -15,7 +15,8 @@ interleaved so that other load on the machine moves them alike), speed-up agains
 decoding, forwards per prompt (NFE), the share of answer tokens identical to exact decoding's
 (answers cut at the first EOS, the rest counted as EOS), and the task's exact-match accuracy
 (`pretrain.eval_tasks` scoring). A second table shows what a step costs: one forward over
-the whole sequence against one over a window through the cache, at a few sequence lengths.
+the whole sequence against one over a window through the cache, at a few sequence lengths,
+with the block's projections separate and fused (`load_model(..., fuse_projections=True)`).
 On CPU it runs on `--threads` threads (1 by default).
 Figures and the commands that produced them: BENCHMARKS.md.
 """
@@ -190,23 +191,29 @@ def run(model_dir: Path, task_file: Path, prompts: int, repeats: int, device_not
 @torch.no_grad()
 def forward_times(model_dir: Path, window: int = BLOCK_LENGTH, lengths=(75, 139, 267), calls: int = 20) -> None:
     """What one step costs: a forward over the whole sequence against one over a window of it
-    through a cache (best of `calls`, milliseconds)."""
-    model = load_model(model_dir)
-    print(f"\n| sequence | whole forward (ms) | {window}-position window forward (ms) | ratio |")
-    print("|---:|---:|---:|---:|")
+    through a cache, with separate and with fused projections (best of `calls`, milliseconds)."""
+    models = {"": load_model(model_dir), ", fused": load_model(model_dir, fuse_projections=True)}
+    columns = [f"{kind} (ms){fused}" for fused in models for kind in ("whole forward", f"{window}-position window")]
+    print(f"\n| sequence | {' | '.join(columns)} | whole / window |")
+    print("|---:|" + "---:|" * (len(columns) + 1))
+    device = models[""].device
     for length in lengths:
-        ids = torch.randint(0, model.config.vocab_size, (1, length), device=model.device)
-        cache, positions = KVCache(), torch.arange(length - window, length, device=model.device)
-        model(ids, past_key_values=cache)
-        whole, part = [], []
-        for _ in range(calls):
-            begin = time.perf_counter()
-            model(ids)
-            whole.append(time.perf_counter() - begin)
-            begin = time.perf_counter()
-            model(ids[:, -window:], past_key_values=cache, cache_position=positions)
-            part.append(time.perf_counter() - begin)
-        print(f"| {length} | {1000 * min(whole):.2f} | {1000 * min(part):.2f} | {min(whole) / min(part):.1f}x |")
+        ids = torch.randint(0, models[""].config.vocab_size, (1, length), device=device)
+        positions = torch.arange(length - window, length, device=device)
+        best = []
+        for model in models.values():
+            cache = KVCache()
+            model(ids, past_key_values=cache)
+            whole, part = [], []
+            for _ in range(calls):
+                begin = time.perf_counter()
+                model(ids)
+                whole.append(time.perf_counter() - begin)
+                begin = time.perf_counter()
+                model(ids[:, -window:], past_key_values=cache, cache_position=positions)
+                part.append(time.perf_counter() - begin)
+            best += [min(whole), min(part)]
+        print(f"| {length} | " + " | ".join(f"{1000 * t:.2f}" for t in best) + f" | {best[0] / best[1]:.1f}x |")
 
 
 def main(argv: list[str] | None = None) -> int:

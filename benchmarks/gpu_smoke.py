@@ -3,13 +3,13 @@
 `python benchmarks/gpu_smoke.py` prints a pass/fail table and exits 1 if anything failed:
 1. the imports a GPU run needs (flash-attn is optional and only reported);
 2. one optimizer step of a small model through the real DeepSpeed engine (ZeRO-1 and ZeRO-3,
-   bf16, the Algorithm 1 loss) with the fast path on (compiled pointwise ops, fused AdamW):
-   finite loss and gradient norm;
-3. each switch on vs off on the same weights and batch in bf16: compiled pointwise ops, every
-   SDPA kernel (and flash-attn when installed) against SDPA's own choice, full and selective
-   activation checkpointing, the chunked head; loss within 1% and every gradient within 5% (L2,
-   relative), the measured differences printed; fused AdamW against the per-tensor loop on
-   fp32 weights (one step);
+   bf16, the Algorithm 1 loss) with the fast path on (compiled pointwise ops, fused AdamW, fused
+   projections): finite loss and gradient norm;
+3. each switch on vs off on the same weights and batch in bf16: compiled pointwise ops, fused
+   projections, every SDPA kernel (and flash-attn when installed) against SDPA's own choice,
+   full and selective activation checkpointing, the chunked head; loss within 1% and every
+   gradient (under its released name) within 5% (L2, relative), the measured differences
+   printed; fused AdamW against the per-tensor loop on fp32 weights (one step);
 4. the benchmark's reference (transformers' Llama, causal mask removed) attends both ways on GPU.
 A kernel that cannot run on this GPU / torch build is reported "unavailable", not failed. On a
 machine without CUDA it says so and exits 0. Run it from the repository root; a machine without
@@ -82,7 +82,8 @@ def check_engine_steps() -> None:
         def _(stage=stage):
             cfg = load_config(None, ["model.n_layers=2", "data.seq_len=256", "train.micro_batch_size=2",
                                      "train.global_batch_size=2", f"parallel.zero_stage={stage}",
-                                     "fast.compile_pointwise=true", "fast.fused_adamw=true"])
+                                     "fast.compile_pointwise=true", "fast.fused_adamw=true",
+                                     "fast.fuse_projections=true"])
             engine = build_engine(cfg, engine_config(cfg, resolve_layout(cfg, 1)))
             ids = torch.randint(0, cfg.model.vocab_size - 1, (2, 256), device="cuda")
             loss = micro_batch_loss(engine, cfg, ids, cfg.model.vocab_size - 1, 0, 0)
@@ -95,6 +96,7 @@ def check_engine_steps() -> None:
 
 
 def loss_and_grads(config, *, seed: int = 0, **model_args):
+    from parallel.fused_projections import whole_released_tensors
     from parallel.model import LLaDAModel
     from pretrain.objectives import forward_process, pretrain_loss_from_ce
 
@@ -110,7 +112,8 @@ def loss_and_grads(config, *, seed: int = 0, **model_args):
         if any(text in str(e) for text in ("No available kernel", "No viable backend", "not supported")):
             raise Unavailable(str(e).splitlines()[0][:160]) from None
         raise
-    return loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+    return loss.item(), {released: grad.float() for p in model.whole_model_parameters()
+                         for released, grad in whole_released_tensors(p, p.param.grad)}
 
 
 def compare(base, other, loss_tol: float = 1e-2, grad_tol: float = 5e-2) -> str:
@@ -129,6 +132,7 @@ def check_switches() -> None:
     config = small_config()
     base = loss_and_grads(config)
     check("compiled pointwise = eager")(lambda: compare(base, loss_and_grads(config, pointwise="compiled")))
+    check("fused projections = unfused")(lambda: compare(base, loss_and_grads(config, fuse_projections=True)))
     for backend in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "sdpa"):
         check(f"attention {backend} = auto")(
             lambda b=backend: compare(base, loss_and_grads(config, attention_backend=b)))

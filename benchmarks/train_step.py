@@ -117,6 +117,7 @@ def run_stack(config: ModelConfig, args) -> tuple[float, Flops]:
     cfg.memory.loss_chunk_tokens = args.loss_chunk_tokens
     cfg.fast.compile_pointwise = args.compile_pointwise
     cfg.fast.fused_adamw = args.fused_adamw
+    cfg.fast.fuse_projections = args.fuse_projections
     problems = validate(cfg, check_paths=False)
     if problems:
         raise SystemExit("stack config: " + "; ".join(problems))
@@ -195,7 +196,8 @@ def print_table(results: list[dict], args) -> None:
     precision = "bf16" if torch.cuda.is_available() else "fp32"
     print(f"{first['device']}, {precision}, batch {args.batch} x {args.seq_len}, {args.steps} steps after "
           f"{args.warmup} warm-up; attention {args.attention_backend}, compile_pointwise "
-          f"{args.compile_pointwise}, fused_adamw {args.fused_adamw}, checkpointing "
+          f"{args.compile_pointwise}, fused_adamw {args.fused_adamw}, fuse_projections "
+          f"{args.fuse_projections}, checkpointing "
           f"{args.activation_checkpointing}, ZeRO {args.zero_stage}; memory = {first['memory_kind']}")
     print("| row | layers x d | tokens/s | model TFLOP/s | executed TFLOP/s | MFU | peak memory GiB | x reference |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -223,6 +225,8 @@ def parse_args(argv=None):
     parser.add_argument("--loss-chunk-tokens", type=int, default=0)
     parser.add_argument("--compile-pointwise", action="store_true")
     parser.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                        help="one q/k/v and one gate/up matmul per block (the stack's rows)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="dense bf16 TFLOP/s for MFU (default: by device name; unknown elsewhere)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),

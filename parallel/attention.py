@@ -106,12 +106,13 @@ class KVCache:
         return self.keys[0].shape[1] if self.keys else 0
 
     def fill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep layer `layer`'s keys and values of the whole sequence; returns them unchanged."""
+        """Keep layer `layer`'s keys and values of the whole sequence; returns them unchanged.
+        Views (a fused projection's slices) are copied, so the cache does not keep their base."""
         if layer != len(self.keys):
             raise RuntimeError(f"KVCache.fill: layer {layer} arrived after {len(self.keys)} filled layers; "
                                f"a cache is filled by one whole forward, in layer order")
-        self.keys.append(k)
-        self.values.append(v)
+        self.keys.append(k.contiguous())
+        self.values.append(v.contiguous())
         return k, v
 
     def window(self, layer: int, start: int, k: torch.Tensor,

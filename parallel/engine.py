@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import torch
 
+from parallel.fused_projections import whole_released_tensors
 from parallel.rendezvous import check_master_reachable
 
 
@@ -130,18 +131,16 @@ def model_construction(config: dict, mpu=None, enabled: bool = True):
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Every parameter whole (ZeRO partitions gathered, tensor-parallel shards concatenated), on
-    rank 0's CPU, one parameter at a time; None on other ranks. A collective: every rank calls it.
+    """Every parameter whole under its released name (ZeRO partitions gathered, tensor-parallel
+    shards concatenated, fused projections split), on rank 0's CPU, one parameter at a time;
+    None on other ranks. A collective: every rank calls it.
     """
     deepspeed = import_deepspeed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     out = {}
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            tensor = param.detach()
-            if getattr(param, "tensor_model_parallel", False):
-                from parallel.tensor_parallel import concatenate_shards
-                tensor = concatenate_shards(tensor, param.partition_dim)
-            if rank == 0:
-                out[name] = tensor.cpu().clone()
+    for p in module.whole_model_parameters():
+        with deepspeed.zero.GatheredParameters([p.param], modifier_rank=None):
+            for released, tensor in whole_released_tensors(p):
+                if rank == 0:
+                    out[released] = tensor.cpu().clone()
     return out if rank == 0 else None

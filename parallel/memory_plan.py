@@ -10,6 +10,10 @@ Tensors are counted from the model as `parallel/model.py` computes it. The terms
 if all were live at once (a slight overestimate: the head's working set and a block's recompute
 never coexist). Not counted: the CUDA context, allocator fragmentation, communication buffers
 other than ZeRO-3's, and kernel workspaces, so leave a few GiB of headroom.
+
+With pipeline stages each stage is estimated apart (its blocks, the embedding on the first, the
+final norm and head on the last, and the micro-batches DeepSpeed's 1F1B schedule keeps in
+flight there), and the plan is the most loaded stage's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from parallel.model_config import ModelConfig
+from parallel.topology import stage_blocks
 
 GiB = 1 << 30
 # Activation checkpointing modes (parallel.model implements them): keep everything, keep matmul
@@ -56,14 +61,24 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def parameter_count(model: ModelConfig) -> int:
-    """Exact parameter count of `LLaDAModel(model)` (no biases; the head only when untied)."""
-    d, f, v = model.d_model, model.mlp_hidden_size, model.vocab_size
+def block_parameter_count(model: ModelConfig) -> int:
+    d, f = model.d_model, model.mlp_hidden_size
     kv = model.n_kv_heads * model.head_dim
     # q_proj and attn_out d*d, k_proj and v_proj d*kv, three SwiGLU matrices, two norms.
-    block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+    return 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+
+
+def stage_parameter_count(model: ModelConfig, n_blocks: int, first: bool, last: bool) -> int:
+    """Parameters of a pipeline stage with `n_blocks` blocks: the embedding on the first, the
+    final norm and (untied) head on the last."""
+    v, d = model.vocab_size, model.d_model
     head = 0 if model.weight_tying else v * d
-    return v * d + head + model.n_layers * block + d  # + ln_f
+    return n_blocks * block_parameter_count(model) + (v * d if first else 0) + ((head + d) if last else 0)
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """Exact parameter count of `LLaDAModel(model)` (no biases; the head only when untied)."""
+    return stage_parameter_count(model, model.n_layers, first=True, last=True)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -108,12 +123,19 @@ def _is_int(value: object, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def estimate_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: int,
+def estimate_memory(model: ModelConfig, **layout) -> MemoryEstimate:
+    """Peak bytes on one rank: the most loaded pipeline stage's `estimate_stages` (the only
+    one without pipeline parallelism)."""
+    return max(estimate_stages(model, **layout), key=lambda e: e.total)
+
+
+def estimate_stages(model: ModelConfig, *, tensor_parallel: int, data_parallel: int,
                     zero_stage: int, micro_batch_size: int, seq_len: int, bf16: bool,
                     activation_checkpointing: str, loss_chunk_tokens: int,
                     prefetch_bucket_size: int, reduce_bucket_size: int,
-                    hpz_partition_size: int = 1) -> MemoryEstimate:
-    """Peak bytes on one rank of a tp x dp layout (pipeline parallelism not modelled).
+                    hpz_partition_size: int = 1, pipeline_parallel: int = 1,
+                    grad_accum: int = 1) -> list[MemoryEstimate]:
+    """Peak bytes on one rank of each pipeline stage of a tp x dp x pp layout.
 
     Model states per parameter of the rank's TP share (norm weights, replicated in fact, are
     counted as split: 0.003% of the 8B model): bf16 keeps 2 B params, 4 B gradients (fp32
@@ -132,6 +154,11 @@ def estimate_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: 
     The head term is one loss chunk's logits (model dtype), their fp32 copy, the saved softmax
     and the gradient, all vocab_size / tensor_parallel wide; loss_chunk_tokens 0 means one
     chunk of the whole micro-batch. Bucket sizes are in elements, as in the DeepSpeed config.
+
+    Pipeline stage s of P holds its own parameters (`stage_parameter_count`) and, under the
+    1F1B schedule, the saved tensors of min(P - s, grad_accum) micro-batches (the first stage
+    the most); the recompute working set, the final norm and the head count once, on the stages
+    that run them.
     """
     problems = model.problems()
     if problems:
@@ -150,10 +177,28 @@ def estimate_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: 
     _check("zero_stage", zero_stage, zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3")
     _check("activation_checkpointing", activation_checkpointing,
            activation_checkpointing in CHECKPOINTING, f"must be one of {', '.join(CHECKPOINTING)}")
+    for name, value in (("pipeline_parallel", pipeline_parallel), ("grad_accum", grad_accum)):
+        _check(name, value, _is_int(value, 1), "must be an int >= 1")
+    plan = stage_blocks(model.n_layers, pipeline_parallel)
+    return [_estimate_stage(model, len(blocks), first=stage == 0, last=stage == len(plan) - 1,
+                            in_flight=min(len(plan) - stage, grad_accum), tp=tensor_parallel,
+                            dp=data_parallel, zero_stage=zero_stage,
+                            tokens=micro_batch_size * seq_len, bf16=bf16,
+                            activation_checkpointing=activation_checkpointing,
+                            loss_chunk_tokens=loss_chunk_tokens,
+                            prefetch_bucket_size=prefetch_bucket_size,
+                            reduce_bucket_size=reduce_bucket_size,
+                            hpz_partition_size=hpz_partition_size)
+            for stage, blocks in enumerate(plan)]
 
-    tp, dp = tensor_parallel, data_parallel
+
+def _estimate_stage(model: ModelConfig, n_blocks: int, *, first: bool, last: bool, in_flight: int,
+                    tp: int, dp: int, zero_stage: int, tokens: int, bf16: bool,
+                    activation_checkpointing: str, loss_chunk_tokens: int,
+                    prefetch_bucket_size: int, reduce_bucket_size: int,
+                    hpz_partition_size: int) -> MemoryEstimate:
     b = 2 if bf16 else 4
-    n = _ceil_div(parameter_count(model), tp)
+    n = _ceil_div(stage_parameter_count(model, n_blocks, first, last), tp)
     params, gradients, optimizer = n * b, n * 4, n * (12 if bf16 else 8)
     if zero_stage >= 1:
         optimizer = _ceil_div(optimizer, dp)
@@ -163,24 +208,23 @@ def estimate_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: 
     if zero_stage == 3:
         params = _ceil_div(params, dp)
         d = model.d_model
-        largest = max(model.vocab_size * d, d * d, d * model.mlp_hidden_size)
+        largest = max(model.vocab_size * d if first or last else 0, d * d, d * model.mlp_hidden_size)
         # Buckets never hold more than this rank's share of the model.
         gathered = (b * (_ceil_div(largest, tp) + min(prefetch_bucket_size, n))
                     + 4 * min(reduce_bucket_size, n))
         if hpz_partition_size > 1:
             gathered += b * _ceil_div(n, hpz_partition_size)
 
-    tokens = micro_batch_size * seq_len
     everything, selective = _saved_per_token(model, tp, b)
     kept = {"none": everything, "selective": selective, "full": b * model.d_model}
     recompute = 0 if activation_checkpointing == "none" else everything
-    activations = tokens * (model.n_layers * kept[activation_checkpointing] + recompute
-                            + _norm_saved(model.d_model, b))  # + ln_f
+    final_norm = _norm_saved(model.d_model, b) if last else 0
+    activations = tokens * (in_flight * n_blocks * kept[activation_checkpointing] + recompute + final_norm)
 
     # Computing the head only at masked positions does not bound the peak (at t near 1 every
     # token is masked), so the bound is one loss chunk, or the whole micro-batch unchunked.
     chunk = loss_chunk_tokens if 0 < loss_chunk_tokens < tokens else tokens
-    head = chunk * _ceil_div(model.vocab_size, tp) * (b + 4 + 4 + 4)
+    head = chunk * _ceil_div(model.vocab_size, tp) * (b + 4 + 4 + 4) if last else 0
 
     return MemoryEstimate(params=params, gradients=gradients, optimizer=optimizer,
                           gathered_params=gathered, activations=activations, head=head)

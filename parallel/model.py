@@ -6,11 +6,12 @@ biases and no timestep input. Pretraining and SFT use no attention mask; an opti
 for batched inference over left-padded prompts (padding keys are hidden and each row's RoPE
 positions start at its first real token, as in the exported Hugging Face code). Parameters
 carry the released checkpoints' names (`model.transformer.blocks.{i}.q_proj.weight`, ...), so
-checkpoints, export and import never rename. Layers come from a factory (`parallel.layers`),
-so the same module runs dense in one process or tensor-parallel; the module itself makes no
-parallelism decisions. Given targets it returns per-token cross-entropy through the head
-(chunked, vocabulary-parallel under TP) instead of logits, and it applies the configured
-activation checkpointing. For fast decoding it also runs with a KV cache (`past_key_values`,
+checkpoints, export and import never rename; the one exception, the fast path's fused
+projections, is mapped back to those names by `parallel.fused_projections`. Layers come from a
+factory (`parallel.layers`), so the same module runs dense in one process or tensor-parallel;
+the module itself makes no parallelism decisions. Given targets it returns per-token
+cross-entropy through the head (chunked, vocabulary-parallel under TP) instead of logits, and it
+applies the configured activation checkpointing. For fast decoding it also runs with a KV cache (`past_key_values`,
 a `parallel.attention.KVCache`): a whole forward fills it, and a forward over a window of the
 sequence (`cache_position`) recomputes only the window against it.
 """
@@ -18,6 +19,7 @@ sequence (`cache_position`) recomputes only the window against it.
 from __future__ import annotations
 
 import functools
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from parallel.attention import KVCache, attention
 from parallel.cross_entropy import chunked_token_cross_entropy
 from parallel.fused_ops import EAGER, PointwiseOps, pointwise_ops
+from parallel.fused_projections import ModelParameter, fused_column, model_parameters
 from parallel.layers import DenseLayers, TruncatedNormalInit
 from parallel.memory_plan import CHECKPOINTING
 from parallel.model_config import ModelConfig
@@ -83,12 +86,15 @@ class RotaryEmbedding:
 
 
 class LLaDABlock(nn.Module):
-    """Pre-norm attention and SwiGLU MLP with residuals; names as in the released blocks."""
+    """Pre-norm attention and SwiGLU MLP with residuals; names as in the released blocks, or
+    with `fuse_projections` one `qkv_proj` and one `gate_up_proj` in place of q/k/v and
+    gate/up (`parallel.fused_projections` maps them back to the released names)."""
 
     pointwise: PointwiseOps = EAGER  # set by `use_pointwise`
 
     def __init__(self, config: ModelConfig, layers: DenseLayers, rope: RotaryEmbedding,
-                 attention_backend: str, layer: int, init: TruncatedNormalInit | None):
+                 attention_backend: str, layer: int, init: TruncatedNormalInit | None,
+                 fuse_projections: bool = False):
         super().__init__()
         self.config = config
         self.rope = rope
@@ -102,14 +108,25 @@ class LLaDABlock(nn.Module):
             # mitchell: output projections further / sqrt(2 (layer + 1))
             return init(fan_in, 2 * (layer + 1) if depth_scaled else 1.0) if init else None
 
+        def fused_layer(name: str, rows: list[int]) -> nn.Module:
+            return fused_column(layers, d, name, rows, [draw(d) for _ in rows] if init else None)
+
+        self.fused = fuse_projections
+        self.qkv_split = [d // tp, kv_dim // tp, kv_dim // tp]
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
-        self.q_proj = layers.column(d, d, draw(d))
-        self.k_proj = layers.column(d, kv_dim, draw(d))
-        self.v_proj = layers.column(d, kv_dim, draw(d))
+        if fuse_projections:
+            self.qkv_proj = fused_layer("qkv_proj", [d, kv_dim, kv_dim])
+        else:
+            self.q_proj = layers.column(d, d, draw(d))
+            self.k_proj = layers.column(d, kv_dim, draw(d))
+            self.v_proj = layers.column(d, kv_dim, draw(d))
         self.attn_out = layers.row(d, d, draw(d, depth_scaled=True))
         self.ff_norm = RMSNorm(d, config.rms_norm_eps)
-        self.ff_proj = layers.column(d, ffn, draw(d))  # gate (SiLU)
-        self.up_proj = layers.column(d, ffn, draw(d))
+        if fuse_projections:
+            self.gate_up_proj = fused_layer("gate_up_proj", [ffn, ffn])
+        else:
+            self.ff_proj = layers.column(d, ffn, draw(d))  # gate (SiLU)
+            self.up_proj = layers.column(d, ffn, draw(d))
         self.ff_out = layers.row(ffn, d, draw(ffn, depth_scaled=True))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -120,16 +137,21 @@ class LLaDABlock(nn.Module):
         b, s, _ = x.shape
         hd = self.config.head_dim
         h = self.attn_norm(x)
-        q = self.rope.apply(self.q_proj(h).view(b, s, self.local_heads, hd), positions)
-        k = self.rope.apply(self.k_proj(h).view(b, s, self.local_kv_heads, hd), positions)
-        v = self.v_proj(h).view(b, s, self.local_kv_heads, hd)
+        if self.fused:
+            q, k, v = self.qkv_proj(h).split(self.qkv_split, dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = self.rope.apply(q.view(b, s, self.local_heads, hd), positions)
+        k = self.rope.apply(k.view(b, s, self.local_kv_heads, hd), positions)
+        v = v.view(b, s, self.local_kv_heads, hd)
         if kv is not None:
             k, v = kv(k, v)
         a = attention(q, k, v, causal=self.config.causal, backend=self.attention_backend,
                       key_mask=key_mask)
         x = x + self.attn_out(a.reshape(b, s, self.local_heads * hd))
         h = self.ff_norm(x)
-        return x + self.ff_out(self.pointwise.swiglu(self.ff_proj(h), self.up_proj(h)))
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1) if self.fused else (self.ff_proj(h), self.up_proj(h))
+        return x + self.ff_out(self.pointwise.swiglu(gate, up))
 
 
 def weight_init(config: ModelConfig, init_seed: int | None) -> TruncatedNormalInit | None:
@@ -161,11 +183,11 @@ def lm_head(config: ModelConfig, layers: DenseLayers, init: TruncatedNormalInit 
 
 class _Transformer(nn.Module):
     def __init__(self, config: ModelConfig, layers: DenseLayers, attention_backend: str,
-                 init: TruncatedNormalInit | None, loss_chunk_tokens: int):
+                 init: TruncatedNormalInit | None, loss_chunk_tokens: int, fuse_projections: bool):
         super().__init__()
         rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         wte = token_embedding(config, layers, init)
-        blocks = nn.ModuleList(LLaDABlock(config, layers, rope, attention_backend, i, init)
+        blocks = nn.ModuleList(LLaDABlock(config, layers, rope, attention_backend, i, init, fuse_projections)
                                for i in range(config.n_layers))
         self.transformer = nn.ModuleDict(dict(wte=wte, blocks=blocks, ln_f=final_norm(config)))
         if not config.weight_tying:
@@ -236,13 +258,15 @@ class LLaDAModel(nn.Module):
     "full" (keep only each block's input) or "selective" (keep matmul and attention outputs,
     recompute norms, RoPE and activations). loss_chunk_tokens: positions per head chunk
     (0: all at once). pointwise: "eager" or "compiled" (`parallel.fused_ops`: RMSNorm, RoPE and
-    SwiGLU each fused by torch.compile with dynamic shapes).
+    SwiGLU each fused by torch.compile with dynamic shapes). fuse_projections: one q/k/v and one
+    gate/up matmul per block (`parallel.fused_projections`; the same weights and the released
+    names in every whole-weights path).
     """
 
     def __init__(self, config: ModelConfig, layers: DenseLayers | None = None,
                  attention_backend: str = "auto", init_seed: int | None = 0,
                  activation_checkpointing: str = "none", loss_chunk_tokens: int = 0,
-                 pointwise: str = "eager"):
+                 pointwise: str = "eager", fuse_projections: bool = False):
         super().__init__()
         problems = config.problems()
         if problems:
@@ -254,17 +278,18 @@ class LLaDAModel(nn.Module):
         self.layers = layers or DenseLayers()
         self.activation_checkpointing = activation_checkpointing
         self.model = _Transformer(config, self.layers, attention_backend,
-                                  weight_init(config, init_seed), loss_chunk_tokens)
+                                  weight_init(config, init_seed), loss_chunk_tokens, fuse_projections)
         use_pointwise(self, pointwise_ops(pointwise))
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer.blocks
 
-    def released_parameters(self):
-        """(released name, parameter) pairs: here the module's own names (a pipeline stage
-        set, `parallel.pipeline.LLaDAPipeline`, maps its names to these)."""
-        return self.named_parameters()
+    def whole_model_parameters(self) -> Iterator[ModelParameter]:
+        """Every parameter under its whole-model name, here the module's own (a pipeline stage
+        set, `parallel.pipeline.LLaDAPipeline`, maps its names to these), with the released
+        tensors a fused layer stands for (`parallel.fused_projections`)."""
+        return model_parameters(self)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None,

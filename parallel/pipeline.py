@@ -32,10 +32,13 @@ import torch
 from torch import nn
 
 from parallel.engine import import_deepspeed
+from parallel.fused_ops import pointwise_ops
+from parallel.fused_projections import (ModelParameter, model_parameters, released_shapes,
+                                        whole_released_tensors)
 from parallel.layers import DenseLayers
 from parallel.memory_plan import CHECKPOINTING
 from parallel.model import (LLaDABlock, RotaryEmbedding, final_norm, lm_head, run_block,
-                            token_embedding, weight_init)
+                            token_embedding, use_pointwise, weight_init)
 from parallel.model_config import ModelConfig
 from parallel.topology import coordinates, rank_of, stage_blocks
 
@@ -55,8 +58,10 @@ class _Pieces:
     construction would (as tensor-parallel ranks draw whole weights and keep a slice)."""
 
     def __init__(self, config: ModelConfig, layers: DenseLayers, attention_backend: str,
-                 init_seed: int | None, activation_checkpointing: str, loss_chunk_tokens: int):
+                 init_seed: int | None, activation_checkpointing: str, loss_chunk_tokens: int,
+                 fuse_projections: bool):
         self.config, self.layers = config, layers
+        self.fuse_projections = fuse_projections
         self.attention_backend = attention_backend
         self.activation_checkpointing = activation_checkpointing
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -79,7 +84,8 @@ class _Pieces:
         if position == 0:
             return token_embedding(c, self.layers, self.init)
         if position <= c.n_layers:
-            return LLaDABlock(c, self.layers, self.rope, self.attention_backend, position - 1, self.init)
+            return LLaDABlock(c, self.layers, self.rope, self.attention_backend, position - 1, self.init,
+                              self.fuse_projections)
         return final_norm(c), lm_head(c, self.layers, self.init, self.loss_chunk_tokens)
 
 
@@ -93,8 +99,8 @@ class EmbeddingStage(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.wte(input_ids)
 
-    def released_parameters(self):
-        return ((f"model.transformer.{n}", p) for n, p in self.named_parameters())
+    def whole_model_parameters(self) -> Iterator[ModelParameter]:
+        return model_parameters(self, "model.transformer")
 
 
 class BlockStage(nn.Module):
@@ -109,8 +115,8 @@ class BlockStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_block(self.block, x, None, None, self.activation_checkpointing)
 
-    def released_parameters(self):
-        return ((f"model.transformer.blocks.{self.index}.{n}", p) for n, p in self.block.named_parameters())
+    def whole_model_parameters(self) -> Iterator[ModelParameter]:
+        return model_parameters(self.block, f"model.transformer.blocks.{self.index}")
 
 
 class HeadStage(nn.Module):
@@ -124,8 +130,8 @@ class HeadStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_f(x)
 
-    def released_parameters(self):
-        return ((f"model.transformer.{n}", p) for n, p in self.named_parameters())
+    def whole_model_parameters(self) -> Iterator[ModelParameter]:
+        return model_parameters(self, "model.transformer")
 
 
 class LLaDAPipeline(PipelineModule):
@@ -134,9 +140,10 @@ class LLaDAPipeline(PipelineModule):
 
     layers: the layer factory (`DenseLayers`, or `TensorParallelLayers` after
     `parallel.tensor_parallel.initialize_groups(tp, pp)`). loss_from_ce: the objective at the
-    last stage. topology: DeepSpeed's process topology, by default (pipe, data, model) from
-    the sizes, the rank order of megatron-core and `parallel.topology`; DeepSpeed takes its
-    data-parallel groups from it (a topology without the model axis would average
+    last stage. The other arguments are `LLaDAModel`'s (pointwise and fuse_projections: the
+    fast path's switches). topology: DeepSpeed's process topology, by default (pipe, data,
+    model) from the sizes, the rank order of megatron-core and `parallel.topology`; DeepSpeed
+    takes its data-parallel groups from it (a topology without the model axis would average
     tensor-parallel shards as if they were replicas). After a step, `max_logit` holds the
     largest logit the head scored on this rank (-inf off the last stage).
     """
@@ -144,7 +151,8 @@ class LLaDAPipeline(PipelineModule):
     def __init__(self, config: ModelConfig, layers: DenseLayers | None = None, *,
                  pipeline_parallel: int, loss_from_ce: LossFromCE, attention_backend: str = "auto",
                  init_seed: int | None = 0, activation_checkpointing: str = "none",
-                 loss_chunk_tokens: int = 0, topology: ProcessTopology | None = None):
+                 loss_chunk_tokens: int = 0, pointwise: str = "eager", fuse_projections: bool = False,
+                 topology: ProcessTopology | None = None):
         problems = config.problems()
         if config.weight_tying:
             problems.append("model.weight_tying: a pipeline keeps the embedding and the head on "
@@ -160,7 +168,7 @@ class LLaDAPipeline(PipelineModule):
         grid = coordinates(torch.distributed.get_rank(), world, tp, pp)
         plan = stage_blocks(config.n_layers, pp)
         pieces = _Pieces(config, layers, attention_backend, init_seed, activation_checkpointing,
-                         loss_chunk_tokens)
+                         loss_chunk_tokens, fuse_projections)
         specs = [LayerSpec(EmbeddingStage, pieces),
                  *(LayerSpec(BlockStage, pieces, i) for i in range(config.n_layers)),
                  LayerSpec(HeadStage, pieces)]
@@ -177,6 +185,7 @@ class LLaDAPipeline(PipelineModule):
         self.tp_size, self.pp_size, self.dp_size = tp, pp, grid.dp_size
         self.loss_from_ce = loss_from_ce
         self.max_logit = torch.tensor(float("-inf"))
+        use_pointwise(self, pointwise_ops(pointwise))
 
     def _loss(self, hidden: torch.Tensor, labels: tuple) -> torch.Tensor:
         head = self.forward_funcs[-1].ff_out
@@ -184,16 +193,17 @@ class LLaDAPipeline(PipelineModule):
         self.max_logit = torch.maximum(self.max_logit, head.max_logit.detach().cpu())
         return self.loss_from_ce(ce, labels)
 
-    def released_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(released name, parameter) of this stage's parameters (a TP shard under TP)."""
+    def whole_model_parameters(self) -> Iterator[ModelParameter]:
+        """This stage's parameters under their whole-model names (a TP shard under TP)."""
         for layer in self.forward_funcs:
-            yield from layer.released_parameters()
+            yield from layer.whole_model_parameters()
 
     def whole_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every parameter whole under its released name, on global rank 0's CPU (None on other
-        ranks): within each stage the tensor-parallel shards are concatenated, and the stage's
-        first rank sends its tensors to rank 0, one at a time. A collective over the first
-        data-parallel replica (every rank calls it)."""
+        ranks): within each stage the tensor-parallel shards are concatenated (fused projections
+        split into their released tensors), and the stage's first rank sends its tensors to
+        rank 0, one at a time. A collective over the first data-parallel replica (every rank
+        calls it)."""
         dist = torch.distributed
         rank = dist.get_rank()
         here = coordinates(rank, dist.get_world_size(), self.tp_size, self.pp_size)
@@ -214,26 +224,18 @@ class LLaDAPipeline(PipelineModule):
         return out
 
     def _send_stage(self, rank: int, src: int, out: dict | None) -> None:
-        from parallel.tensor_parallel import concatenate_shards
-
         dist = torch.distributed
-        params = list(self.released_parameters())
+        params = list(self.whole_model_parameters())
         if rank == src and src != 0:
-            meta = []
-            for name, p in params:
-                shape = list(p.shape)
-                if getattr(p, "tensor_model_parallel", False):
-                    shape[p.partition_dim] *= self.tp_size
-                meta.append((name, shape, p.dtype))
+            meta = [(released, shape, p.param.dtype) for p in params
+                    for released, shape in released_shapes(p, self.tp_size)]
             dist.send_object_list([meta], dst=0)
-        for name, p in params:
-            whole = p.detach()
-            if getattr(p, "tensor_model_parallel", False):
-                whole = concatenate_shards(whole, p.partition_dim)
-            if rank == 0:
-                out[name] = whole.cpu().clone()
-            elif rank == src:
-                dist.send(whole.cpu().contiguous(), dst=0)
+        for p in params:
+            for released, whole in whole_released_tensors(p):
+                if rank == 0:
+                    out[released] = whole.cpu().clone()
+                elif rank == src:
+                    dist.send(whole.cpu().contiguous(), dst=0)
 
 
 class PipelineForward:

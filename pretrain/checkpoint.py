@@ -31,6 +31,7 @@ import yaml
 from safetensors.torch import save_file
 
 from parallel.engine import full_state_dict, import_deepspeed
+from parallel.fused_projections import local_from_released
 from parallel.model_config import ModelConfig
 from pretrain.config import ConfigError
 from pretrain.hf_format import FormatError, expected_tensors, model_config_from_released, require_tensors
@@ -225,17 +226,14 @@ def load_weights_only(module: torch.nn.Module, path: Path) -> None:
 def load_weights(module: torch.nn.Module, entries: dict[str, TensorEntry], where: str) -> None:
     """Whole tensors (`pretrain.safetensors_stream` entries) into a model of any layout, before
     `deepspeed.initialize` (the optimizer's master copies are made from the module then): every
-    rank reads each tensor and keeps its tensor-parallel slice; a ZeRO-3 parameter is gathered,
-    written and re-partitioned. Names and shapes are checked against the model first, and every
-    mismatch is listed."""
+    rank reads each tensor and keeps its tensor-parallel slice (a fused projection stacks its
+    pieces' slices); a ZeRO-3 parameter is gathered, written and re-partitioned. Names and
+    shapes are checked against the model first, and every mismatch is listed."""
     deepspeed = import_deepspeed()
     require_tensors(entries, expected_tensors(module.config), f"{where} does not fit the model being built")
-    for name, param in module.released_parameters():
-        whole = read_tensor(entries[name])
-        # every rank reads the same tensor; the partitions are refreshed from the group's first
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if getattr(param, "tensor_model_parallel", False):
-                from parallel.tensor_parallel import shard_of
-                whole = shard_of(whole, param.partition_dim)
+    for p in module.whole_model_parameters():
+        # every rank reads the same tensors; the partitions are refreshed from the group's first
+        with deepspeed.zero.GatheredParameters([p.param], modifier_rank=0):
+            value = local_from_released(p, lambda released: read_tensor(entries[released]))
             with torch.no_grad():
-                param.copy_(whole.to(param.dtype))
+                p.param.copy_(value.to(p.param.dtype))

@@ -316,7 +316,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     if t.attention_backend not in ATTENTION_BACKENDS:
         out.append(f"train.attention_backend: {t.attention_backend!r} is not one of "
                    f"{', '.join(ATTENTION_BACKENDS)}")
-    out += cfg.fast.problems(cfg.parallel.pipeline_parallel) + cfg.profile.problems()
+    out += cfg.profile.problems()
     if d.source not in ("stdlib", "files", "shards", "sft"):
         out.append(f"data.source: {d.source!r} is not 'stdlib', 'files', 'shards' or 'sft'")
     if d.source in ("files", "sft") and not d.paths:

@@ -75,6 +75,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 3),
                         help="under a launcher: 3 partitions the weights over data-parallel ranks, "
                              "0 keeps a whole copy (or TP shard) on each")
+    parser.add_argument("--fuse-projections", action="store_true",
+                        help="one q/k/v and one gate/up matmul per block: the same model, fewer kernels")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
 
 
@@ -92,7 +94,7 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
 
 def open_model(args: argparse.Namespace) -> InferenceModel:
     return load_model(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel,
-                      zero_stage=args.zero_stage)
+                      zero_stage=args.zero_stage, fuse_projections=args.fuse_projections)
 
 
 def sample_prompts(model: InferenceModel, prompts: list[list[int]], config: SamplerConfig,

@@ -60,12 +60,15 @@ def _device() -> torch.device:
 
 
 def load_model(directory: str | os.PathLike, *, dtype: str = "auto", tensor_parallel: int = 1,
-               zero_stage: int = 3, attention_backend: str = "auto") -> InferenceModel:
+               zero_stage: int = 3, attention_backend: str = "auto",
+               fuse_projections: bool = False) -> InferenceModel:
     """The model in `directory`, in this process or sharded over the launched ranks.
 
     dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32". tensor_parallel / zero_stage
     apply under a launcher (WORLD_SIZE > 1) or when tensor_parallel > 1; zero_stage is 3 (weights
-    partitioned over data-parallel ranks) or 0 (ZeRO-1/2 partition optimizer state only)."""
+    partitioned over data-parallel ranks) or 0 (ZeRO-1/2 partition optimizer state only).
+    fuse_projections: one q/k/v and one gate/up matmul per block (`parallel.fused_projections`:
+    the same outputs to float rounding, fewer kernels per forward)."""
     if zero_stage not in (0, 3):
         raise ValueError(f"zero_stage {zero_stage}: inference uses 3 (weights partitioned) or 0; "
                          f"stages 1 and 2 partition optimizer state, which inference has none of")
@@ -77,16 +80,17 @@ def load_model(directory: str | os.PathLike, *, dtype: str = "auto", tensor_para
     if world == 1 and tensor_parallel == 1:
         device = _device()
         with torch.device("meta"):
-            module = LLaDAModel(model_config, init_seed=None, attention_backend=attention_backend)
+            module = LLaDAModel(model_config, init_seed=None, attention_backend=attention_backend,
+                                fuse_projections=fuse_projections)
         module = module.to_empty(device=device).to(DTYPES[precision])
         load_weights(module, entries, where)
         return InferenceModel(module.eval(), model_config, tokenizer, device)
     return _load_sharded(model_config, entries, where, tokenizer, precision, tensor_parallel,
-                         zero_stage, attention_backend, world)
+                         zero_stage, attention_backend, fuse_projections, world)
 
 
 def _load_sharded(model_config, entries, where, tokenizer, precision, tensor_parallel, zero_stage,
-                  attention_backend, world) -> InferenceModel:
+                  attention_backend, fuse_projections, world) -> InferenceModel:
     from pretrain.config import RunConfig
     from pretrain.layout import engine_config, resolve_layout
     from pretrain.train import build_model
@@ -97,6 +101,7 @@ def _load_sharded(model_config, entries, where, tokenizer, precision, tensor_par
     cfg.parallel.zero_stage = zero_stage
     cfg.train.precision = precision
     cfg.train.attention_backend = attention_backend
+    cfg.fast.fuse_projections = fuse_projections
     cfg.train.micro_batch_size = 1
     cfg.train.global_batch_size = world // tensor_parallel
     ds.init_distributed(cfg.parallel.rendezvous_timeout_s)

@@ -4,8 +4,8 @@ A launch first turns (config, world size) into a layout: tensor-, pipeline- and 
 sizes, micro and global batch, gradient accumulation. A world that TP x PP does not divide, or a
 global batch that micro x DP does not divide, stops here with the fix. The same layout gives the
 DeepSpeed config and the per-GPU memory estimate that every launch prints and `--dry-run` prints
-alone; with pipeline stages it also prints which blocks each stage holds (the memory estimate
-does not model pipeline parallelism: it counts every layer on one rank).
+alone; with pipeline stages it also prints which blocks each stage holds and each stage's
+estimate (the plan shown is the most loaded stage's).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from parallel.engine import use_bf16
 from parallel.engine_config import deepspeed_config
-from parallel.memory_plan import GiB, MemoryEstimate, estimate_memory
+from parallel.memory_plan import GiB, MemoryEstimate, estimate_stages
 from parallel.topology import describe_stages
 from pretrain.config import ConfigError, RunConfig
 
@@ -29,6 +29,7 @@ class Layout:
     global_batch_size: int
     grad_accum: int
     pipeline_parallel: int = 1
+    fused_projections: bool = False  # how the optimizer state holds q/k/v and gate/up
 
     def describe(self) -> str:
         pp = f" x PP {self.pipeline_parallel}" if self.pipeline_parallel > 1 else ""
@@ -38,11 +39,13 @@ class Layout:
 
     def checkpoint_key(self) -> dict[str, int]:
         """What a checkpoint records of the layout: resuming restores the full state only into
-        the same one. The pipeline size appears only above 1, as in checkpoints written before
-        pipelines existed."""
+        the same one. The pipeline size appears only above 1 and fused projections only when
+        on, as in checkpoints written before either existed."""
         key = {"tensor_parallel": self.tensor_parallel, "data_parallel": self.data_parallel}
         if self.pipeline_parallel > 1:
             key["pipeline_parallel"] = self.pipeline_parallel
+        if self.fused_projections:
+            key["fused_projections"] = True
         return key
 
 
@@ -62,7 +65,8 @@ def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
                           f"change the global batch, the micro batch or the number of ranks")
     return Layout(world_size=world_size, tensor_parallel=tp, data_parallel=dp,
                   micro_batch_size=micro, global_batch_size=global_batch,
-                  grad_accum=global_batch // (micro * dp), pipeline_parallel=pp)
+                  grad_accum=global_batch // (micro * dp), pipeline_parallel=pp,
+                  fused_projections=cfg.fast.fuse_projections)
 
 
 def engine_config(cfg: RunConfig, layout: Layout) -> dict:
@@ -71,15 +75,17 @@ def engine_config(cfg: RunConfig, layout: Layout) -> dict:
                             bf16=use_bf16(cfg.train.precision), grad_clip=cfg.optim.grad_clip)
 
 
-def memory_estimate(cfg: RunConfig, layout: Layout, *, bf16: bool) -> MemoryEstimate:
+def memory_estimates(cfg: RunConfig, layout: Layout, *, bf16: bool) -> list[MemoryEstimate]:
+    """One rank's memory plan per pipeline stage (one entry without pipeline parallelism)."""
     p = cfg.parallel
-    return estimate_memory(
+    return estimate_stages(
         cfg.model, tensor_parallel=layout.tensor_parallel, data_parallel=layout.data_parallel,
         zero_stage=p.zero_stage, micro_batch_size=layout.micro_batch_size,
         seq_len=cfg.data.seq_len, bf16=bf16,
         activation_checkpointing=cfg.memory.activation_checkpointing,
         loss_chunk_tokens=cfg.memory.loss_chunk_tokens, prefetch_bucket_size=p.prefetch_bucket_size,
-        reduce_bucket_size=p.reduce_bucket_size, hpz_partition_size=p.hpz_partition_size)
+        reduce_bucket_size=p.reduce_bucket_size, hpz_partition_size=p.hpz_partition_size,
+        pipeline_parallel=layout.pipeline_parallel, grad_accum=layout.grad_accum)
 
 
 def gpu_budget_bytes(cfg: RunConfig) -> int:
@@ -87,20 +93,24 @@ def gpu_budget_bytes(cfg: RunConfig) -> int:
     return int(cfg.memory.gpu_memory_gib * GiB)
 
 
-def launch_report(cfg: RunConfig, layout: Layout, estimate: MemoryEstimate) -> str:
-    """What every launch prints: the layout and the memory plan against the device budget."""
+def launch_report(cfg: RunConfig, layout: Layout, estimates: list[MemoryEstimate]) -> str:
+    """What every launch prints: the layout and the memory plan (the most loaded pipeline
+    stage's, with every stage's total) against the device budget."""
+    worst = max(range(len(estimates)), key=lambda stage: estimates[stage].total)
     stages = []
     if layout.pipeline_parallel > 1:
+        totals = " | ".join(f"stage {stage}: {e.total / GiB:.2f}" for stage, e in enumerate(estimates))
         stages = [f"pipeline: {describe_stages(cfg.model.n_layers, layout.pipeline_parallel)}",
-                  "(the memory plan below does not model pipeline parallelism: it counts every "
-                  "layer on one rank)"]
+                  f"memory per stage in GiB (1F1B: stage s keeps min({layout.pipeline_parallel} - s, "
+                  f"{layout.grad_accum}) micro-batches in flight): {totals}"]
     return "\n".join([
         f"layout: {layout.describe()}",
         *stages,
-        f"memory plan per GPU (activation checkpointing {cfg.memory.activation_checkpointing}, "
+        f"memory plan per GPU{f' (stage {worst}, the most loaded)' if stages else ''} (activation "
+        f"checkpointing {cfg.memory.activation_checkpointing}, "
         f"loss chunk {cfg.memory.loss_chunk_tokens or 'whole micro-batch'}, "
         f"seq {cfg.data.seq_len}):",
-        estimate.table(gpu_budget_bytes(cfg)),
+        estimates[worst].table(gpu_budget_bytes(cfg)),
     ])
 
 

@@ -18,12 +18,14 @@ command does not know `llada_stack`: this module, run with `-m`, is lm-eval's CL
 registered.
 
 model_args: `model` (the directory), `dtype` (auto|bf16|fp32), `tensor_parallel`, `zero_stage`
-(under a launcher); likelihood: `mc_num` (128), `mc_batch_size` (16: Monte Carlo rows per
-forward, the official `batch_size`; lm-eval's own `--batch_size` is always passed, so it is the
-number of prompts per sampler batch here), `cfg_scale` (also used by the sampler),
-`check_greedy` (False), `seed` (0); sampler: `steps`, `gen_length`, `block_length`,
-`temperature`, `remasking`, `logits_eos_inf`, `confidence_eos_eot`, `stop_at_eos`, and fast
-decoding's `threshold`, `cache`, `cache_refresh_every` (defaults of `SamplerConfig`). A request's generation kwargs other than `until` and `max_gen_toks` are ignored.
+(under a launcher), `fuse_projections` (False: one q/k/v and one gate/up matmul per block);
+likelihood: `mc_num` (128), `mc_batch_size` (16: Monte Carlo rows per forward, the official
+`batch_size`; lm-eval's own `--batch_size` is always passed, so it is the number of prompts per
+sampler batch here), `cfg_scale` (also used by the sampler), `check_greedy` (False), `seed` (0);
+sampler: `steps`, `gen_length`, `block_length`, `temperature`, `remasking`, `logits_eos_inf`,
+`confidence_eos_eot`, `stop_at_eos`, and fast decoding's `threshold`, `cache`,
+`cache_refresh_every` (defaults of `SamplerConfig`). A request's generation kwargs other than
+`until` and `max_gen_toks` are ignored.
 
 - loglikelihood: the official split (trailing whitespace of the context moves to the
   continuation; the continuation's ids are those of context + continuation after the context's
@@ -75,7 +77,8 @@ log = logging.getLogger(__name__)
 @register_model("llada_stack")
 class LLaDAStackLM(LM):
     def __init__(self, model: str, dtype: str = "auto", tensor_parallel: int = 1, zero_stage: int = 3,
-                 mc_num: int = 128, mc_batch_size: int = 16, cfg_scale: float = 0.0,
+                 fuse_projections: bool = False, mc_num: int = 128, mc_batch_size: int = 16,
+                 cfg_scale: float = 0.0,
                  check_greedy: bool = False, seed: int = 0, batch_size: int | str = 1,
                  device: str | None = None, **sampler: object):
         super().__init__()
@@ -95,7 +98,8 @@ class LLaDAStackLM(LM):
             raise ValueError("llada_stack: " + "; ".join(problems))
         if device is not None:
             log.warning("llada_stack: device=%s is ignored; the model goes to cuda:LOCAL_RANK or the CPU", device)
-        self.model = load_model(model, dtype=dtype, tensor_parallel=tensor_parallel, zero_stage=zero_stage)
+        self.model = load_model(model, dtype=dtype, tensor_parallel=tensor_parallel, zero_stage=zero_stage,
+                                fuse_projections=fuse_projections)
         self.tok = self.model.tokenizer
         self.max_length = self.model.config.max_sequence_length
         self.mc_num, self.mc_batch_size, self.cfg_scale = mc_num, mc_batch_size, cfg_scale

@@ -97,7 +97,8 @@ def table(cfg: RunConfig, record: dict, world_size: int, trace_dir: Path) -> str
                      f"{record['perf/ms/deepspeed_collectives']:.1f} ms"))
     rows += [("activation checkpointing", cfg.memory.activation_checkpointing),
              ("fast path", f"attention {cfg.train.attention_backend}, compile_pointwise "
-                           f"{cfg.fast.compile_pointwise}, fused_adamw {cfg.fast.fused_adamw}"),
+                           f"{cfg.fast.compile_pointwise}, fused_adamw {cfg.fast.fused_adamw}, "
+                           f"fuse_projections {cfg.fast.fuse_projections}"),
              ("trace", str(trace_dir) if cfg.profile.trace_steps else "off")]
     width = max(len(name) for name, _ in rows)
     lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]

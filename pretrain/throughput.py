@@ -42,12 +42,10 @@ class FastConfig:
     compile_pointwise: bool = False
     # torch.optim.AdamW(fused=True): one kernel per parameter group instead of a loop over tensors.
     fused_adamw: bool = False
-
-    def problems(self, pipeline_parallel: int) -> list[str]:
-        if self.compile_pointwise and pipeline_parallel > 1:
-            return ["fast.compile_pointwise: not wired into the pipeline stages; set it to false "
-                    "with parallel.pipeline_parallel > 1"]
-        return []
+    # One q/k/v and one gate/up matmul per block (parallel/fused_projections.py); checkpoints
+    # keep the released tensor names, but the optimizer state's layout changes with it, so a
+    # resume across a change loads the weights only.
+    fuse_projections: bool = False
 
 
 @dataclasses.dataclass
@@ -135,18 +133,19 @@ class StepProfiler:
             self._phase_seconds[phase] += now - self._last
             self._last = now
 
-    def end_step(self, tokens: float) -> None:
-        """Close a step that trained on `tokens` tokens (the whole world's)."""
+    def end_step(self, tokens: float) -> float:
+        """Close a step that trained on `tokens` tokens (the whole world's); returns its seconds."""
         seconds = self._now() - self._step_start
         self._steps_seen += 1
         if self._torch_profiler is not None:
             self._torch_profiler.step()
         if self._steps_seen <= self.cfg.warmup_steps:
             self._reset_window()
-            return
+            return seconds
         self._window_steps += 1
         self._window_tokens += tokens
         self._window_seconds += seconds
+        return seconds
 
     def report(self) -> dict:
         """The `perf/...` metrics of the steps since the last report (empty before any step

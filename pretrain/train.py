@@ -40,7 +40,7 @@ from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data_setup import build_training_data
 from pretrain.guard_rails import GuardRails, HangWatchdog
 from pretrain.layout import (Layout, deepspeed_config_text, engine_config, gpu_budget_bytes,
-                             launch_report, memory_estimate, resolve_layout)
+                             launch_report, memory_estimates, resolve_layout)
 from pretrain.flops import FlopMeter
 from pretrain.metrics import MetricsLogger
 from pretrain.preemption import PreemptionFlag
@@ -167,6 +167,7 @@ def build_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, objec
     # on every rank and run.
     torch.manual_seed(cfg.train.seed)
     pp = cfg.parallel.pipeline_parallel
+    pointwise = "compiled" if cfg.fast.compile_pointwise else "eager"
     if tp > 1:
         from parallel.tensor_parallel import MegatronMpu, TensorParallelLayers, initialize_groups
         initialize_groups(tp, pp)
@@ -176,13 +177,14 @@ def build_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, objec
         return LLaDAPipeline(cfg.model, layers, pipeline_parallel=pp, loss_from_ce=pipeline_loss,
                              attention_backend=cfg.train.attention_backend, init_seed=cfg.train.seed,
                              activation_checkpointing=cfg.memory.activation_checkpointing,
-                             loss_chunk_tokens=cfg.memory.loss_chunk_tokens), None
+                             loss_chunk_tokens=cfg.memory.loss_chunk_tokens, pointwise=pointwise,
+                             fuse_projections=cfg.fast.fuse_projections), None
     with ds.model_construction(ds_config, mpu, enabled=cfg.parallel.zero_init):
         model = LLaDAModel(cfg.model, layers, attention_backend=cfg.train.attention_backend,
                            init_seed=cfg.train.seed,
                            activation_checkpointing=cfg.memory.activation_checkpointing,
                            loss_chunk_tokens=cfg.memory.loss_chunk_tokens,
-                           pointwise="compiled" if cfg.fast.compile_pointwise else "eager")
+                           pointwise=pointwise, fuse_projections=cfg.fast.fuse_projections)
     return model, mpu
 
 
@@ -213,10 +215,10 @@ def closing_sample(model, cfg: RunConfig, tok, device) -> list[int]:
 def dry_run(cfg: RunConfig, world_size: int) -> int:
     layout = resolve_layout(cfg, world_size)
     ds_config = engine_config(cfg, layout)
-    estimate = memory_estimate(cfg, layout, bf16=ds.use_bf16(cfg.train.precision))
-    print(launch_report(cfg, layout, estimate))
+    estimates = memory_estimates(cfg, layout, bf16=ds.use_bf16(cfg.train.precision))
+    print(launch_report(cfg, layout, estimates))
     print("deepspeed config:\n" + deepspeed_config_text(ds_config))
-    return 0 if estimate.fits(gpu_budget_bytes(cfg)) else 1
+    return 0 if all(e.fits(gpu_budget_bytes(cfg)) for e in estimates) else 1
 
 
 class TrainingHalted(RuntimeError):
@@ -322,7 +324,7 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
     bf16 = ds.use_bf16(cfg.train.precision)
     ds_config = engine_config(cfg, layout)
     if rank == 0:
-        print(launch_report(cfg, layout, memory_estimate(cfg, layout, bf16=bf16)), flush=True)
+        print(launch_report(cfg, layout, memory_estimates(cfg, layout, bf16=bf16)), flush=True)
         (out_dir / "deepspeed_config.json").write_text(deepspeed_config_text(ds_config))
     this_layout = layout.checkpoint_key()
     guard = GuardRails(cfg.guard)
@@ -437,7 +439,6 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         lr = lr_at(cfg.schedule, step, tokens_seen)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        start = time.time()
         perf.start_step()
         losses, max_logits, tokens = [], [], 0  # device tensors: one host sync per step
         if pipeline:  # every stage reads the replica's micro-batches; the engine steps once
@@ -488,8 +489,7 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         verdict = guard.observe(done, step_loss, grad_norm, str(last_good) if last_good else None)
-        elapsed = time.time() - start
-        perf.end_step(tokens)
+        elapsed = perf.end_step(tokens)
         log.advance(step_loss, tokens / elapsed)
         record = {"loss": step_loss, "grad_norm": grad_norm, "max_logit": max_logit,
                   "skipped_steps": guard.skipped_total}

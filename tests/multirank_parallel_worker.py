@@ -7,27 +7,36 @@ rank 0 writes them.
   local weight shapes, weights, logits, loss and every gradient; with full and selective
   activation checkpointing and a chunked head; negative control: column-parallel layers that
   skip the all-reduce of their input gradient (the replicated norm and embedding weights then
-  get wrong gradients).
+  get wrong gradients). Fused projections (qkv_proj, gate_up_proj) under TP: the released
+  tensors they stand for, drawn and loaded (`load_weights` of the dense model's weights), equal
+  the dense model's, and so do the loss and the released gradients; negative control: the
+  pieces stacked [q; k; v] before the TP split instead of rank by rank.
 - "zero3" (4 ranks, TP=2 x DP=2): 5 optimizer steps of ZeRO-3 (built under zero.Init, full
   activation checkpointing, chunked head) with 2 accumulated micro-batches per rank, against
   plain torch AdamW on the dense model over the whole global batch, compared on what
-  checkpoints publish (whole weights); negative control: the same run without the `mpu`
-  adapter.
+  checkpoints publish (whole weights); the same with fused projections; negative control: the
+  same run without the `mpu` adapter.
 """
 
 import json
 import os
 import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
 from parallel import engine as ds
+from parallel import fused_projections
 from parallel.engine_config import ParallelConfig, deepspeed_config
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from parallel.tensor_parallel import MegatronMpu, TensorParallelLayers, initialize_groups
+from pretrain.checkpoint import load_weights
 from pretrain.config import RunConfig
+from pretrain.safetensors_stream import read_header
 from pretrain.objectives import pretrain_loss_from_ce
 from pretrain.train import build_optimizer, draw_noise, micro_batch_loss
 
@@ -53,6 +62,15 @@ def local_slice(full: torch.Tensor, name: str, rank: int, size: int) -> torch.Te
 def max_diff_to_dense(tp_tensors: dict, dense_tensors: dict, rank: int, size: int) -> float:
     return max((tp_tensors[n] - local_slice(dense_tensors[n], n, rank, size)).abs().max().item()
                for n in dense_tensors)
+
+
+def released_diff(model, dense_tensors: dict, gradients: bool = False) -> float:
+    """Largest difference of the whole released tensors of `model` (TP shards concatenated,
+    fused projections split; weights, or gradients) from `dense_tensors`."""
+    return max((whole - dense_tensors[released]).abs().max().item()
+               for p in model.whole_model_parameters()
+               for released, whole in fused_projections.whole_released_tensors(
+                   p, p.param.grad if gradients else None))
 
 
 def loss_and_grads(model, ids, nb) -> tuple[float, dict]:
@@ -93,6 +111,22 @@ def scenario_tp(rank: int) -> dict:
         v_loss, v_grads = loss_and_grads(variant, ids, nb)
         out[f"{mode}_chunked_loss"] = abs(v_loss - tp_loss)
         out[f"{mode}_chunked_grads"] = max((v_grads[n] - tp_grads[n]).abs().max().item() for n in tp_grads)
+
+    fused = LLaDAModel(CFG, layers, init_seed=SEED, fuse_projections=True)
+    out["fused_weights"] = released_diff(fused, dense_params)
+    fused_loss, _ = loss_and_grads(fused, ids, nb)
+    out["fused_loss"] = abs(fused_loss - dense_loss)
+    out["fused_grads"] = released_diff(fused, dense_grads, gradients=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        from safetensors.torch import save_file
+        save_file({n: p.detach().contiguous() for n, p in dense_params.items()}, str(path))
+        loaded = LLaDAModel(CFG, layers, init_seed=None, fuse_projections=True)
+        load_weights(loaded, read_header(path), str(path))
+    out["fused_loaded_weights"] = released_diff(loaded, dense_params)
+    with mock.patch.object(fused_projections, "rank_major", lambda pieces, tp_size: torch.cat(pieces)):
+        stacked_whole = LLaDAModel(CFG, layers, init_seed=SEED, fuse_projections=True)
+    out["control_fused_weights"] = released_diff(stacked_whole, dense_params)
 
     column = layers.column
 
@@ -143,7 +177,7 @@ def scenario_zero3(rank: int) -> dict:
 
     out = {}
     # The control first: DeepSpeed keeps the last mpu it was given in module state.
-    for label, with_mpu in (("control", False), ("mpu", True)):
+    for label, with_mpu, fused in (("control", False, False), ("mpu", True, False), ("fused", True, True)):
         mpu = MegatronMpu() if with_mpu else None
         config = deepspeed_config(ParallelConfig(zero_stage=3), micro_batch_size=micro,
                                   grad_accum_steps=accum, bf16=False, grad_clip=run.optim.grad_clip)
@@ -152,7 +186,7 @@ def scenario_zero3(rank: int) -> dict:
             # parameters in the recomputation)
             model = LLaDAModel(CFG, TensorParallelLayers(2), init_seed=SEED,
                                activation_checkpointing="full" if with_mpu else "none",
-                               loss_chunk_tokens=7 if with_mpu else 0)
+                               loss_chunk_tokens=7 if with_mpu else 0, fuse_projections=fused)
         engine = ds.initialize(model, build_optimizer(model, run), config, mpu=mpu)
         out[f"{label}_dp_world_size"] = float(engine.dp_world_size)
         losses, norms = [], []

@@ -8,17 +8,19 @@ the micro-batches cut short as the 1% rule cuts them, against plain torch AdamW 
 model over the same micro-batches with the same noise (the PP=1 computation).
 
 - "pp2" (2 ranks, PP=2): the trajectory (loss, gradient norm) and the final whole weights; the
-  shapes the second stage's first layer receives; a checkpoint at step 3 (its whole weights
+  shapes the second stage's first layer receives; `fast.compile_pointwise` reaching every stage's
+  norms, RoPE and SwiGLU (the stages are built, not run); a checkpoint at step 3 (its whole weights
   against the reference's step-3 weights, its export to the released layout loaded by
   `AutoModel(trust_remote_code=True)` against the pipeline's own logits), then a fresh engine
   resumed from it for steps 4-5 against the uninterrupted run. Controls: a restart from the
   checkpoint's weights only (optimizer state dropped); the shortened micro-batches padded back
   to full length.
-- "pp4" (4 ranks): PP=2 x TP=2 (megatron-core layers inside each stage, full activation
-  checkpointing, chunked head) and PP=2 x DP=2, each against the reference. Control: PP=2 x
+- "pp4" (4 ranks): PP=2 x TP=2 (megatron-core layers inside each stage, fused projections,
+  full activation checkpointing, chunked head) and PP=2 x DP=2, each against the reference. Control: PP=2 x
   TP=2 with a DeepSpeed topology that lacks the tensor-parallel axis.
 """
 
+import copy
 import json
 import os
 import sys
@@ -36,7 +38,8 @@ from pretrain.checkpoint import load_full_state, save_checkpoint
 from pretrain.config import RunConfig
 from pretrain.layout import engine_config, resolve_layout
 from pretrain.objectives import pretrain_loss_from_ce
-from pretrain.train import build_engine, build_optimizer, draw_noise, pipeline_loss, pipeline_step
+from pretrain.train import (build_engine, build_model, build_optimizer, draw_noise, pipeline_loss,
+                            pipeline_step)
 
 CFG = ModelConfig(d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
                   vocab_size=320, max_sequence_length=32)
@@ -44,8 +47,9 @@ SEED, SEQ, MICRO, ACCUM, STEPS, LR = 7, 16, 2, 2, 5, 3e-3
 SHORT = {(1, 1): 9, (3, 0): 5}  # (step, micro-step) -> length of a micro-batch cut short
 
 
-def run_config(tp: int, pp: int, dp: int, **memory) -> RunConfig:
+def run_config(tp: int, pp: int, dp: int, fuse_projections: bool = False, **memory) -> RunConfig:
     cfg = RunConfig()
+    cfg.fast.fuse_projections = fuse_projections
     cfg.model = CFG
     cfg.train.seed = SEED
     cfg.train.micro_batch_size, cfg.train.global_batch_size = MICRO, MICRO * ACCUM * dp
@@ -160,6 +164,10 @@ def scenario_pp2(out_dir: Path, tokenizer: Path, mask_id: int) -> dict:
     from parallel.pipeline import PipelineForward
     engine = engine_for(cfg)
     out["stage"] = engine.stage_id
+    compiled = copy.deepcopy(cfg)  # built only: that the switch reaches every stage's blocks
+    compiled.fast.compile_pointwise = True
+    stage, _ = build_model(compiled, engine_config(compiled, resolve_layout(compiled, dist.get_world_size())))
+    out["compiled_pointwise_names"] = sorted({m.pointwise.name for m in stage.modules() if hasattr(m, "pointwise")})
     out["boundary_shapes"] = record_boundary(engine)
     losses, norms = train_steps(engine, cfg, data, range(3), mask_id)
     layout = resolve_layout(cfg, dist.get_world_size())
@@ -223,7 +231,8 @@ def scenario_pp4(out_dir: Path, tokenizer: Path, mask_id: int) -> dict:
     from parallel.tensor_parallel import TensorParallelLayers
 
     out = {}
-    cfg = run_config(tp=2, pp=2, dp=1, activation_checkpointing="full", loss_chunk_tokens=7)
+    cfg = run_config(tp=2, pp=2, dp=1, fuse_projections=True, activation_checkpointing="full",
+                     loss_chunk_tokens=7)
     data = make_data(1, mask_id)
     ref = reference(cfg, data, 1, mask_id)
     engine = engine_for(cfg)

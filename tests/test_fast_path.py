@@ -9,6 +9,10 @@
   arithmetic tensor by tensor;
 - the SDPA kernel (`train.attention_backend: sdpa_*`): math and flash (CPU) give the same loss
   and gradients, and the profiler shows which kernel ran; the GPU-only kernels are skipped here;
+- fused projections (`fast.fuse_projections`, parallel/fused_projections.py): the unfused
+  model's weights, loss and (released) gradients with 4 matmuls per block instead of 7; whole
+  weights leave and enter a fused model under the released names, through a KV cache too
+  (tensor and pipeline parallelism and ZeRO-3 in test_parallel.py and test_pipeline.py);
 - the benchmark's reference (transformers' Llama with the causal mask removed) really attends
   both ways: a later token changes an earlier position's logits, which the causal model's
   do not.
@@ -24,12 +28,20 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from safetensors.torch import save_file
+
 from parallel import fused_ops
+from parallel.attention import KVCache
+from parallel.engine import full_state_dict
+from parallel.fused_projections import whole_released_tensors
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
+from pretrain.checkpoint import load_weights
 from pretrain.config import ConfigError, load_config
+from pretrain.hf_format import expected_tensors
 from pretrain.objectives import forward_process, pretrain_loss_from_ce
 from pretrain.layout import engine_config, resolve_layout
+from pretrain.safetensors_stream import read_header
 from pretrain.train import build_model, build_optimizer
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
@@ -38,13 +50,19 @@ CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_si
 LENGTHS = (12, 17, 29)
 
 
+def token_ids(seq_len: int) -> torch.Tensor:
+    return torch.randint(0, 49, (2, seq_len), generator=torch.Generator().manual_seed(seq_len))
+
+
 def loss_and_grads(model: LLaDAModel, seq_len: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    ids = torch.randint(0, 49, (2, seq_len), generator=torch.Generator().manual_seed(seq_len))
+    """The loss and every gradient under its released name (fused projections split)."""
+    ids = token_ids(seq_len)
     noise = forward_process(ids, 49, generator=torch.Generator().manual_seed(1))
     model.zero_grad(set_to_none=True)
     loss = pretrain_loss_from_ce(model(noise.noisy, targets=ids, loss_mask=noise.masked), noise)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), {released: grad.clone() for p in model.whole_model_parameters()
+                           for released, grad in whole_released_tensors(p, p.param.grad)}
 
 
 def assert_same(a, b, rtol=1e-5, atol=1e-6):
@@ -96,14 +114,17 @@ def test_shape_specialised_compile_recompiles_per_length():
 
 
 def test_config_switches_reach_the_model_and_the_optimizer(tmp_path):
-    cfg = load_config(None, ["fast.compile_pointwise=true", "fast.fused_adamw=true", "parallel.zero_stage=0"])
-    model, _ = build_model(cfg, engine_config(cfg, resolve_layout(cfg, 1)))
+    cfg = load_config(None, ["fast.compile_pointwise=true", "fast.fused_adamw=true",
+                             "fast.fuse_projections=true", "parallel.zero_stage=0"])
+    layout = resolve_layout(cfg, 1)
+    model, _ = build_model(cfg, engine_config(cfg, layout))
     assert {m.pointwise.name for m in model.modules() if hasattr(m, "pointwise")} == {"compiled"}
     assert model.blocks[0].rope.pointwise.name == "compiled"
     assert build_optimizer(model, cfg).defaults["fused"] is True
-    with pytest.raises(ConfigError, match="fast.compile_pointwise"):
-        load_config(None, ["fast.compile_pointwise=true", "parallel.pipeline_parallel=2",
-                           "parallel.zero_stage=1"])
+    assert all(block.fused for block in model.blocks)
+    # the optimizer state's layout changes: a resume across the switch loads the weights only
+    assert layout.checkpoint_key()["fused_projections"] is True
+    assert "fused_projections" not in resolve_layout(load_config(None, []), 1).checkpoint_key()
 
 
 # ------------------------------------------------------------------ fused AdamW
@@ -170,6 +191,78 @@ def test_gpu_sdpa_kernels_agree_with_math(backend):
 def test_unknown_attention_backend_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match="train.attention_backend: 'sdpa_fast' is not one of"):
         load_config(None, ["train.attention_backend=sdpa_fast"])
+
+
+# ------------------------------------------------------------------ fused projections
+
+def matmuls_per_forward(model: LLaDAModel) -> int:
+    with torch.profiler.profile() as prof, torch.no_grad():
+        model(token_ids(LENGTHS[0]))
+    return sum(e.name == "aten::mm" for e in prof.events())
+
+
+@pytest.mark.parametrize("mode", ["none", "selective"])
+def test_fused_projections_give_the_same_loss_and_gradients_in_fewer_matmuls(mode):
+    unfused = LLaDAModel(CFG, init_seed=0, activation_checkpointing=mode)
+    fused = LLaDAModel(CFG, init_seed=0, activation_checkpointing=mode, fuse_projections=True)
+    names = [n for n, _ in fused.named_parameters()]
+    assert "model.transformer.blocks.0.qkv_proj.weight" in names
+    assert not any(n.endswith((".q_proj.weight", ".up_proj.weight")) for n in names)
+    for seq_len in LENGTHS:
+        assert_same(loss_and_grads(unfused, seq_len), loss_and_grads(fused, seq_len))
+    layers = CFG.n_layers  # q, k, v, attn_out, gate, up, ff_out per block, then the head
+    assert matmuls_per_forward(unfused) == 7 * layers + 1
+    assert matmuls_per_forward(fused) == 4 * layers + 1
+    with pytest.raises(AssertionError):  # the comparison can fail
+        assert_same(loss_and_grads(unfused, LENGTHS[0]), loss_and_grads(perturbed(fused), LENGTHS[0]))
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = token_ids(LENGTHS[1])
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :5] = 0  # a left-padded row
+    return ids, attention_mask
+
+
+def cached_window_logits(model: LLaDAModel, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of positions 4..11 recomputed against a KV cache filled by a whole forward."""
+    cache = KVCache()
+    with torch.no_grad():
+        model(ids, attention_mask=attention_mask, past_key_values=cache)
+        return model(ids[:, 4:12], attention_mask=attention_mask, past_key_values=cache,
+                     cache_position=torch.arange(4, 12))
+
+
+def test_fused_model_writes_and_reads_the_released_tensors(tmp_path):
+    fused = LLaDAModel(CFG, init_seed=0, fuse_projections=True)
+    whole = full_state_dict(fused)
+    assert list(whole) == list(expected_tensors(CFG))
+    unfused_whole = full_state_dict(LLaDAModel(CFG, init_seed=0))
+    assert all(torch.equal(whole[n], unfused_whole[n]) for n in whole)  # the same draws
+
+    trained = LLaDAModel(CFG, init_seed=1)  # other weights, in the released layout
+    path = tmp_path / "model.safetensors"
+    save_file(full_state_dict(trained), str(path))
+    with torch.device("meta"):  # as pretrain.inference builds it: to_empty re-creates every parameter
+        loaded = LLaDAModel(CFG, init_seed=None, fuse_projections=True)
+    loaded = loaded.to_empty(device="cpu")
+    load_weights(loaded, read_header(path), str(path))
+    ids, attention_mask = padded_batch()
+    with torch.no_grad():
+        expected, got = trained(ids, attention_mask=attention_mask), loaded(ids, attention_mask=attention_mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached_window_logits(loaded, ids, attention_mask),
+                               cached_window_logits(trained, ids, attention_mask), rtol=1e-5, atol=1e-5)
+
+    # control: gate and up swapped in the file load without complaint and compute otherwise
+    swapped = full_state_dict(trained)
+    block = "model.transformer.blocks.0"
+    swapped[f"{block}.ff_proj.weight"], swapped[f"{block}.up_proj.weight"] = (
+        swapped[f"{block}.up_proj.weight"], swapped[f"{block}.ff_proj.weight"])
+    save_file(swapped, str(path))
+    load_weights(loaded, read_header(path), str(path))
+    with torch.no_grad():
+        assert (loaded(ids, attention_mask=attention_mask) - expected).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------ the benchmark's reference

@@ -9,9 +9,10 @@
   between turns.
 - Fast decoding flags: `--threshold`, `--cache`, `--cache-refresh-every` give what the sampler
   gives with those settings (threshold decoding with fewer forwards; the block-start cache other
-  tokens than exact decoding; a cache refreshed every step exact decoding's tokens), and 4 ranks
-  (tensor parallel 2 x data parallel 2 under ZeRO-3: per-rank heads in the cache, batches whose
-  blocks end at different steps) give the single process's answers. `--denoising-html` /
+  tokens than exact decoding; a cache refreshed every step exact decoding's tokens, also with
+  `--fuse-projections`), and 4 ranks (tensor parallel 2 x data parallel 2 under ZeRO-3, fused
+  projections: per-rank heads in the cache, batches whose blocks end at different steps) give
+  the single process's answers. `--denoising-html` /
   `--denoising-png` draw the first prompt's answer with its reveal steps.
 """
 
@@ -135,6 +136,7 @@ def test_fast_decoding_flags_and_denoising_pictures(checkpoint, capsys, tmp_path
 
     exact = answers()
     assert answers("--cache", "dual", "--cache-refresh-every", "1") == exact
+    assert answers("--fuse-projections", "--cache", "dual", "--cache-refresh-every", "1") == exact
     fast = answers("--threshold", "0.05", "--cache", "prefix", "--denoising-html", str(tmp_path / "d.html"),
                    "--denoising-png", str(tmp_path / "d.png"))
     assert fast[1]["steps_run"] < exact[1]["steps_run"] == 16  # several tokens per step
@@ -161,6 +163,7 @@ def test_fast_decoding_on_tensor_and_zero3_data_parallel_ranks(checkpoint, subpr
     assert len(set(steps)) >= 3, steps  # premise: batches (and their blocks) end at different steps
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr",
                 "127.0.0.1", "--master_port", str(free_port())]
-    four = run_generate(args + ["--tensor-parallel", "2", "--zero-stage", "3"], subprocess_env, launcher)
+    four = run_generate(args + ["--tensor-parallel", "2", "--zero-stage", "3", "--fuse-projections"],
+                        subprocess_env, launcher)
     without_steps = lambda records: [{k: v for k, v in r.items() if k != "steps_run"} for r in records]  # noqa: E731
     assert without_steps(four) == without_steps(single)

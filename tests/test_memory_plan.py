@@ -6,6 +6,8 @@ layout that fits. These tests pin the parameter count to the model module and th
 totals, the activation count to what autograd really saves for the model, the paper's layout
 (ZeRO-3 over 64 ranks, 4 x 4096 tokens, full checkpointing, chunked loss) fitting 80 GiB and
 its unchecked or unchunked variants not, the direction of every knob, and the argument checks.
+Pipeline stages: each stage's parameters are the model's pieces it holds, and its activations
+are those of the micro-batches the 1F1B schedule keeps in flight there.
 """
 
 import dataclasses
@@ -13,7 +15,8 @@ import dataclasses
 import pytest
 import torch
 
-from parallel.memory_plan import GiB, MemoryEstimate, estimate_memory, parameter_count
+from parallel.memory_plan import (GiB, MemoryEstimate, estimate_memory, estimate_stages, parameter_count,
+                                  stage_parameter_count)
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig, preset
 
@@ -156,3 +159,31 @@ def test_table_lists_components_and_verdict():
 def test_bad_arguments_name_themselves(argument, value):
     with pytest.raises(ValueError, match=argument):
         _estimate_8b(**{argument: value})
+
+
+def test_pipeline_stages_hold_their_pieces_and_their_micro_batches_in_flight():
+    config = preset("llada_8b")
+    with torch.device("meta"):
+        model = LLaDAModel(config, init_seed=None)
+    numel = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    t = model.model.transformer
+    block = numel(t.blocks[0])
+    assert stage_parameter_count(config, 8, first=True, last=False) == numel(t.wte) + 8 * block
+    assert stage_parameter_count(config, 8, first=False, last=True) == 8 * block + numel(t.ln_f) + numel(t.ff_out)
+    for pp in (2, 3, 4):
+        stages = estimate_stages(config, **_layout(zero_stage=1, pipeline_parallel=pp, grad_accum=8))
+        assert sum(e.params for e in stages) == 2 * parameter_count(config)  # bf16: 2 B each
+
+    one = _estimate_8b(zero_stage=1)
+    tokens, d = 4 * 4096, config.d_model
+    kept = tokens * 2 * d  # full checkpointing keeps each block's bf16 input per micro-batch
+    first, *_, last = estimate_stages(config, **_layout(zero_stage=1, pipeline_parallel=4, grad_accum=8))
+    # the last stage: 1 micro-batch of its 8 blocks in flight, the recompute working set, ln_f
+    assert one.activations - last.activations == (32 - 8) * kept
+    # the first: 4 micro-batches of its 8 blocks, no final norm (fp32 copy, rsqrt, two bf16 tensors)
+    assert first.activations - last.activations == (4 - 1) * 8 * kept - tokens * (4 * d + 4 + 2 * 2 * d)
+    assert (first.head, last.head) == (0, one.head)  # the head runs on the last stage only
+    few = estimate_stages(config, **_layout(zero_stage=1, pipeline_parallel=4, grad_accum=2))[0]
+    assert few.activations < first.activations  # only 2 micro-batches to keep in flight
+    assert estimate_memory(config, **_layout(zero_stage=1, pipeline_parallel=4, grad_accum=8)) == max(
+        estimate_stages(config, **_layout(zero_stage=1, pipeline_parallel=4, grad_accum=8)), key=lambda e: e.total)

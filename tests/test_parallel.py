@@ -3,11 +3,14 @@
 - TP=2 (2 gloo ranks): megatron-core layers give the dense model's weights, logits, loss and
   gradients, with and without activation checkpointing and a chunked head; local weights are
   1/TP of the full ones. Control: dropping the input-gradient all-reduce of the column-parallel
-  layers must break the gradients.
+  layers must break the gradients. Fused projections under TP draw, load, compute and
+  differentiate the dense model's released tensors. Control: fused weights stacked whole
+  before the TP split must not.
 - TP=2 x DP=2 under ZeRO-3 with zero.Init, full activation checkpointing and a chunked head
   (4 gloo ranks): 5 optimizer steps with accumulation follow plain torch AdamW on the dense
   model over the whole global batch (loss, gradient norm, the whole weights a checkpoint
-  publishes). Control: the same run without the `mpu` adapter must not.
+  publishes), with and without fused projections. Control: the same run without the `mpu`
+  adapter must not.
 - ZeRO-3 DP=2: `deepspeed --num_gpus 2 recipes/tiny.sh` typed as users type it, from another
   directory, trains on 2 CPU ranks, the engine reports DP 2, and its loss trajectory equals the
   single-process run's on the same global batch (32 rows = 2 ranks x 16); so does the
@@ -51,12 +54,16 @@ def test_tensor_parallel_matches_the_dense_model(tmp_path, subprocess_env):
     for mode in ("full", "selective"):
         assert r[f"{mode}_chunked_loss"] < 1e-6 and r[f"{mode}_chunked_grads"] < 1e-6, r
     assert r["control_grads"] > 1e-2, r
+    assert r["fused_weights"] == 0.0 and r["fused_loaded_weights"] == 0.0, r
+    assert r["fused_loss"] < 1e-6 and r["fused_grads"] < 1e-6, r
+    assert r["control_fused_weights"] > 1e-2, r
 
 
 def test_tp2_dp2_zero3_follows_the_single_process_run_and_fails_without_mpu(tmp_path, subprocess_env):
     r = run_scenario("zero3", 4, tmp_path, subprocess_env)
-    assert r["mpu_dp_world_size"] == 2
-    assert r["mpu_loss"] < 1e-5 and r["mpu_grad_norm"] < 1e-5 and r["mpu_weights"] < 1e-5, r
+    for label in ("mpu", "fused"):
+        assert r[f"{label}_dp_world_size"] == 2
+        assert r[f"{label}_loss"] < 1e-5 and r[f"{label}_grad_norm"] < 1e-5 and r[f"{label}_weights"] < 1e-5, r
     # without the adapter DeepSpeed sees 4 data-parallel ranks, raises nothing, trains wrongly
     assert r["control_dp_world_size"] == 4
     assert r["control_loss"] > 1e-2 and r["control_weights"] > 1e-2, r

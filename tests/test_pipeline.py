@@ -8,7 +8,8 @@ Real ranks, real engines (multirank_pipeline_worker.py; one torchrun launch per 
   in a fresh engine, and exports to a directory whose transformers logits equal the pipeline's.
   Controls: the short micro-batches padded back to full length, a restart from the weights
   only, and the export against the model two steps later, must all differ.
-- PP=2 x TP=2 and PP=2 x DP=2 (4 ranks) follow the same reference, boundaries carrying the
+- PP=2 x TP=2 (with fused projections) and PP=2 x DP=2 (4 ranks) follow the same reference
+  (the whole weights under the released names), boundaries carrying the
   full (not tensor-sharded) hidden state. Control: a DeepSpeed topology without the tensor
   axis (DeepSpeed then averages the TP shards as replicas) must not.
 - The CLI: `deepspeed --num_gpus 2 --module pretrain.train ... parallel.pipeline_parallel=2`
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import ConfigError, load_config
-from pretrain.layout import engine_config, launch_report, memory_estimate, resolve_layout
+from pretrain.layout import engine_config, launch_report, memory_estimates, resolve_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_parallel import free_port  # noqa: E402
@@ -55,6 +56,7 @@ def test_pp2_follows_pp1_with_short_micro_batches_resumes_and_exports(tmp_path, 
     first, second = ranks
     for r in ranks:
         assert r["pp2_loss"] < 1e-5 and r["pp2_grad_norm"] < 1e-5, r
+        assert r["compiled_pointwise_names"] == ["compiled"], r
     assert first["pp2_weights"] < 1e-5, first
     # the boundary: full hidden states, at 16 positions or at a short micro-batch's own length
     assert first["boundary_shapes"] == []
@@ -181,7 +183,8 @@ def test_uneven_blocks_are_balanced_as_deepspeed_splits_them_and_the_plan_is_pri
                              "parallel.zero_stage=1", "train.global_batch_size=8",
                              "train.micro_batch_size=1"])
     layout = resolve_layout(cfg, 8)
-    report = launch_report(cfg, layout, memory_estimate(cfg, layout, bf16=True))
+    report = launch_report(cfg, layout, memory_estimates(cfg, layout, bf16=True))
     assert ("pipeline: stage 0: embedding + blocks 0-5 | stage 1: blocks 6-11 | stage 2: blocks "
             "12-16 | stage 3: blocks 17-21 + final norm, head, loss") in report
-    assert "does not model pipeline parallelism" in report
+    assert "memory per stage in GiB (1F1B: stage s keeps min(4 - s, 4) micro-batches in flight): stage 0: " in report
+    assert "memory plan per GPU (stage 0, the most loaded)" in report

@@ -4,14 +4,15 @@ Real training runs of the tiny model (fp32, CPU; 2 gloo ranks under torchrun whe
 on data prepared once for the module:
 - kill -9 of a 2-rank run at a random step, then `--resume auto`: the first resumed step is the
   checkpoint's step + 1 and every loss from there equals the uninterrupted run's bit for bit;
-  the same for a tensor-parallel (TP=2) run;
+  the same for a tensor-parallel (TP=2, fused projections) run;
 - a perturbed optimizer shard changes the resumed losses (optimizer state is really restored);
 - a crash inside the save, after the shards are written and before publishing: the next resume
   uses the previous complete checkpoint;
 - SIGTERM to one rank: both ranks save the same step and the job exits 0;
 - injected NaN steps are skipped and counted, K in a row halt the run with the recovery;
-- a learning-rate override on resume is logged and followed; a new layout restarts from the
-  weights and says that the optimizer state was dropped; retention keeps last N + every Mth.
+- a learning-rate override on resume is logged and followed; a new layout (one rank, fused
+  projections) restarts from the weights and says that the optimizer state was dropped, and
+  its checkpoint keeps the released tensor names; retention keeps last N + every Mth.
 """
 
 import json
@@ -29,6 +30,8 @@ import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import load_config
+from pretrain.hf_format import expected_tensors
+from pretrain.safetensors_stream import read_header
 from pretrain.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,9 +239,15 @@ def test_lr_override_and_new_layout_on_resume(tmp_path, subprocess_env, data_arg
     subprocess.run(["cp", "-r", str(reference_2ranks / "checkpoints" / ckpt.tag_of(6)),
                     str(out / "checkpoints")], check=True)
     proc = train_run(subprocess_env, 1, out, "train.steps=8", *data_args, "schedule.lr_scale=0.5",
-                     "--resume", "auto")
+                     "fast.fuse_projections=true", "--resume", "auto")
     assert "resume override schedule.lr_scale: 1.0 -> 0.5" in proc.stdout
-    assert "loaded the weights only; the optimizer state was dropped" in proc.stdout
+    assert ("layout changed from {'tensor_parallel': 1, 'data_parallel': 2} to {'tensor_parallel': 1, "
+            "'data_parallel': 1, 'fused_projections': True}: loaded the weights only; the optimizer "
+            "state was dropped") in proc.stdout
+    # the fused run read the unfused checkpoint and writes the released layout itself
+    newest = ckpt.weights_checkpoint(out / "checkpoints")
+    assert newest.name == ckpt.tag_of(8)
+    assert sorted(read_header(newest / "model.safetensors")) == sorted(expected_tensors(ckpt.read_model_config(newest)))
     lr = {r["step"]: r["lr"] for r in step_records(out) if "lr" in r}
     reference = {r["step"]: r["lr"] for r in step_records(reference_2ranks) if "lr" in r}
     assert lr[7] == pytest.approx(0.5 * reference[7]) and lr[8] == pytest.approx(0.5 * reference[8])
@@ -254,10 +263,11 @@ def test_retention_keeps_the_last_n_and_every_mth(tmp_path):
 
 
 def test_tensor_parallel_run_resumes_bit_for_bit(tmp_path, subprocess_env, data_args):
-    """TP=2 under ZeRO-3 (each rank's megatron shard and ZeRO partition) with full checkpointing
-    and a chunked head: 6 steps, then resumed to 9, equal an uninterrupted 9-step run."""
+    """TP=2 under ZeRO-3 (each rank's megatron shard and ZeRO partition) with full checkpointing,
+    a chunked head and fused projections: 6 steps, then resumed to 9, equal an uninterrupted
+    9-step run."""
     tp = ["parallel.tensor_parallel=2", "train.micro_batch_size=8", "memory.activation_checkpointing=full",
-          "memory.loss_chunk_tokens=100", *data_args]
+          "memory.loss_chunk_tokens=100", "fast.fuse_projections=true", *data_args]
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     train_run(subprocess_env, 2, resumed, "train.steps=6", *tp)
     train_run(subprocess_env, 2, resumed, "train.steps=9", *tp, "--resume", "auto")
