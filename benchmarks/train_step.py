@@ -13,6 +13,11 @@ memory is its own:
                      both ways: `bidirectional_llama`, tested), the same loss through its full
                      logits, torch AdamW with the same settings and clipping, bf16 autocast over
                      fp32 weights (the usual transformers recipe)
+  stack 8B shape, X  with --switches: the stack's 8B-shape row again with one fast-path switch
+                     flipped (`SWITCHES`: fused projections off, per-tensor AdamW, compiled
+                     pointwise ops, an SDPA kernel, selective or full checkpointing, a chunked
+                     head), so one run measures what each switch does; a switch the machine
+                     cannot run (a GPU-only kernel on CPU) gets a "failed" row
 
 Columns: tokens/s, model and executed TFLOP/s and MFU (`pretrain.flops`: 51.43 GFLOP/token for
 LLaDA 8B at 4096; the reference runs its head at every position, the stack only at masked
@@ -48,6 +53,18 @@ from pretrain.throughput import peak_memory_gib  # noqa: E402
 
 # row name on the command line -> the name the table prints
 ROWS = {"stack-8b": "stack 8B shape", "stack-1b": "stack 1B", "reference-8b": "reference 8B shape"}
+# --switches: the stack's 8B-shape row again with one fast-path switch flipped from the command's
+# settings (the flags are appended, so they win), each its own row
+SWITCHES = {
+    "separate q/k/v and gate/up": ["--no-fuse-projections"],
+    "per-tensor AdamW": ["--no-fused-adamw"],
+    "compiled pointwise ops": ["--compile-pointwise"],
+    "SDPA flash kernel": ["--attention-backend", "sdpa_flash"],
+    "SDPA cuDNN kernel": ["--attention-backend", "sdpa_cudnn"],
+    "selective checkpointing": ["--activation-checkpointing", "selective"],
+    "full checkpointing": ["--activation-checkpointing", "full"],
+    "head in chunks of 1024": ["--loss-chunk-tokens", "1024"],
+}
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -179,7 +196,7 @@ def _timed(step, args, device: torch.device, meter: FlopMeter | None) -> tuple[f
 def measure_row(row: str, args) -> dict:
     config = row_config(row, args)
     seconds, flops = (run_reference if row.startswith("reference") else run_stack)(config, args)
-    row = ROWS[row]
+    row = f"{ROWS[row]}, {args.label}" if args.label else ROWS[row]
     tokens = args.steps * args.batch * args.seq_len
     memory, memory_kind = peak_memory_gib()
     peak = peak_tflops(device_name(), args.peak_tflops)
@@ -202,6 +219,9 @@ def print_table(results: list[dict], args) -> None:
     print("| row | layers x d | tokens/s | model TFLOP/s | executed TFLOP/s | MFU | peak memory GiB | x reference |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        if "failed" in r:
+            print(f"| {r['row']} | failed (exit code {r['failed']}; its error is above) | | | | | | |")
+            continue
         ratio = (f"{r['tokens_per_s'] / reference['tokens_per_s']:.2f}"
                  if r["row"] != ROWS["stack-1b"] else "-")
         mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "unknown"
@@ -231,7 +251,10 @@ def parse_args(argv=None):
                         help="dense bf16 TFLOP/s for MFU (default: by device name; unknown elsewhere)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
                         help="rows to measure (the reference is always measured)")
+    parser.add_argument("--switches", action="store_true",
+                        help="add a stack 8B-shape row per fast-path switch flipped (SWITCHES)")
     parser.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # a child measuring one row
+    parser.add_argument("--label", help=argparse.SUPPRESS)  # the switch a child's row flips
     parser.add_argument("--result", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -244,15 +267,21 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     results = []
     passed = argv if argv is not None else sys.argv[1:]
+    jobs = [(row, [], None) for row in ROWS if row in args.rows or row == "reference-8b"]
+    if args.switches:
+        jobs += [("stack-8b", flags, label) for label, flags in SWITCHES.items()]
     with tempfile.TemporaryDirectory() as tmp:
-        for row in (r for r in ROWS if r in args.rows or r == "reference-8b"):
-            result = Path(tmp, f"{row}.json")
-            proc = subprocess.run([sys.executable, __file__, *passed, "--row", row, "--result", str(result)],
-                                  env=env, cwd=ROOT)
-            if proc.returncode != 0:
+        for index, (row, flags, label) in enumerate(jobs):
+            result = Path(tmp, f"{index}.json")
+            proc = subprocess.run([sys.executable, __file__, *passed, *flags, "--row", row, "--result",
+                                   str(result), *(["--label", label] if label else [])], env=env, cwd=ROOT)
+            if proc.returncode == 0:
+                results.append(json.loads(result.read_text()))
+            elif label:  # a switch this machine cannot run (a GPU-only kernel on CPU): say so, go on
+                results.append({"row": f"{ROWS[row]}, {label}", "failed": proc.returncode})
+            else:
                 print(f"{row}: failed with exit code {proc.returncode}", file=sys.stderr)
                 return proc.returncode
-            results.append(json.loads(result.read_text()))
     print_table(results, args)
     return 0
 
