@@ -74,7 +74,8 @@ def check_engine_steps() -> None:
     from parallel import engine as ds
     from pretrain.config import load_config
     from pretrain.layout import engine_config, resolve_layout
-    from pretrain.train import build_engine, micro_batch_loss
+    from pretrain.engine_setup import build_engine
+    from pretrain.step_loss import micro_batch_loss
 
     ds.init_distributed()
     for stage in (1, 3):

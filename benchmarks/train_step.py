@@ -123,7 +123,8 @@ def run_stack(config: ModelConfig, args) -> tuple[float, Flops]:
     from parallel import engine as ds
     from pretrain.config import RunConfig, validate
     from pretrain.layout import engine_config, resolve_layout
-    from pretrain.train import build_engine, micro_batch_loss
+    from pretrain.engine_setup import build_engine
+    from pretrain.step_loss import micro_batch_loss
 
     cfg = RunConfig(model=config)
     cfg.data.seq_len = args.seq_len

@@ -93,7 +93,7 @@ def _load_sharded(model_config, entries, where, tokenizer, precision, tensor_par
                   attention_backend, fuse_projections, world) -> InferenceModel:
     from pretrain.config import RunConfig
     from pretrain.layout import engine_config, resolve_layout
-    from pretrain.train import build_model
+    from pretrain.engine_setup import build_model
 
     cfg = RunConfig()
     cfg.model = model_config

@@ -3,11 +3,11 @@
 One loop, always on a DeepSpeed engine (a single CPU process is a world of one), for the
 masked diffusion objective and the autoregressive baseline, at any layout: the rank layout and
 memory plan are resolved and printed before anything is allocated (`--dry-run` stops there),
-the model is built as megatron-core tensor-parallel shards when `parallel.tensor_parallel` > 1,
-as DeepSpeed pipeline stages (`parallel.pipeline`) when `parallel.pipeline_parallel` > 1,
-and partitioned by `zero.Init` under ZeRO-3. Each optimizer step runs `gradient accumulation`
-micro-batches; the data order and 1% length cut are keyed on the data-parallel rank, t and the
-masks on (seed, step, row of the global batch); the learning rate follows the configured
+the model and engine are built by `pretrain.engine_setup` (megatron-core tensor-parallel
+shards, DeepSpeed pipeline stages, `zero.Init` partitions under ZeRO-3). Each optimizer step
+runs `gradient accumulation` micro-batches (their loss: `pretrain.step_loss`); the data order
+and 1% length cut are keyed on the data-parallel rank, t and the masks on (seed, step, row of
+the global batch); the learning rate follows the configured
 schedule keyed on tokens seen; held-out loss on a fixed t grid, checkpoints and a closing
 sample come from the config. Supervised fine-tuning (`train.objective: sft`) is the same loop
 on conversation batches with Algorithm 2, usually started from imported weights
@@ -31,13 +31,13 @@ from data_pipeline.seeding import keyed_generator
 from data_pipeline.sft import ChatTemplate
 from parallel import engine as ds
 from parallel.memory_plan import parameter_count
-from parallel.model import LLaDAModel, no_weight_decay
 from parallel.rendezvous import RendezvousError
 from parallel.topology import coordinates
-from pretrain.checkpoint import (find_resume, load_full_state, load_weights_only, read_model_config,
-                                 read_rank_state, read_trainer_state, save_checkpoint, set_rng_state)
+from pretrain.checkpoint import (find_resume, load_full_state, read_rank_state, read_trainer_state,
+                                 save_checkpoint, set_rng_state)
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data_setup import build_training_data
+from pretrain.engine_setup import build_engine, init_from_weights
 from pretrain.guard_rails import GuardRails, HangWatchdog
 from pretrain.layout import (Layout, deepspeed_config_text, engine_config, gpu_budget_bytes,
                              launch_report, memory_estimates, resolve_layout)
@@ -45,11 +45,9 @@ from pretrain.flops import FlopMeter
 from pretrain.metrics import MetricsLogger
 from pretrain.preemption import PreemptionFlag
 from pretrain.rank_failures import exit_after_collective_failure, is_collective_failure, tee_to_rank_log
+from pretrain.step_loss import first_global_row, micro_batch_loss, pipeline_step
 from pretrain.stragglers import StragglerMonitor
 from pretrain.throughput import StepProfiler
-from pretrain.objectives import (NoisedBatch, ar_loss_from_ce, draw_mask, draw_t, forward_process,
-                                 next_token_targets, p_mask_of, pretrain_loss_from_ce, sft_loss_from_ce,
-                                 sft_noise)
 from pretrain.sampling import (SamplerConfig, all_ranks_agree, generate, generate_autoregressive,
                                strip_at_eos)
 from pretrain.schedule import lr_at
@@ -79,16 +77,6 @@ def quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if no_weight_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.schedule.peak_lr, betas=cfg.optim.betas,
-                             eps=cfg.optim.eps, fused=cfg.fast.fused_adamw)
-
-
 def source_metrics(counters: dict[str, dict[str, int]], ranks_per_replica: int) -> dict[str, float]:
     """Per-source tokens summed over data-parallel ranks (the tensor- and pipeline-parallel
     ranks of a replica read the same data: counted once), and each source's epoch on this rank."""
@@ -97,95 +85,6 @@ def source_metrics(counters: dict[str, dict[str, int]], ranks_per_replica: int) 
     out = {f"data/{n}/tokens": t / ranks_per_replica for n, t in zip(names, totals)}
     out.update({f"data/{n}/epoch": counters[n]["epoch"] for n in names})
     return out
-
-
-def draw_noise(batch: torch.Tensor, mask_id: int, seed: int, step: int, first_row: int,
-               prompt_lengths: torch.Tensor | None = None) -> NoisedBatch:
-    """t and the mask of each row from a generator keyed by (seed, step, global row index): the
-    tensor-parallel ranks of a replica draw the same noise, replicas draw different noise, and a
-    row gets the same noise whichever rank and micro-step it lands on. With `prompt_lengths`
-    (SFT), each row's prompt is then unmasked."""
-    rows_t, rows_masked = [], []
-    for i in range(batch.shape[0]):
-        gen = keyed_generator(seed, "noise", step, first_row + i, device=batch.device)
-        t = draw_t(1, gen, batch.device)
-        rows_t.append(t)
-        rows_masked.append(draw_mask(p_mask_of(t), batch.shape[1], gen))
-    t, masked = torch.cat(rows_t), torch.cat(rows_masked)
-    if prompt_lengths is not None:
-        return sft_noise(batch, prompt_lengths, mask_id, t=t, masked=masked)
-    return forward_process(batch, mask_id, t=t, masked=masked)
-
-
-def first_global_row(micro_step: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> int:
-    """The index, in the step's global batch, of the first row of this rank's `micro_step`-th
-    micro-batch: the key of its rows' noise, whatever the split over ranks and micro-steps."""
-    return (micro_step * dp_size + dp_rank) * micro_batch_size
-
-
-def micro_batch_loss(engine, cfg: RunConfig, batch: torch.Tensor, mask_id: int, step: int,
-                     first_row: int, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """The objective's loss of one micro-batch: Algorithm 1, Algorithm 2 (SFT, with the rows'
-    prompt lengths) or the AR baseline's, through the engine's chunked cross-entropy."""
-    if cfg.train.objective == "arm":
-        return ar_loss_from_ce(engine(batch, *next_token_targets(batch)))
-    nb = draw_noise(batch, mask_id, cfg.train.seed, step, first_row, prompt_lengths)
-    ce = engine(nb.noisy, targets=batch, loss_mask=nb.masked)
-    return pretrain_loss_from_ce(ce, nb) if prompt_lengths is None else sft_loss_from_ce(ce, prompt_lengths, nb)
-
-
-def pipeline_loss(ce: torch.Tensor, labels: tuple) -> torch.Tensor:
-    """Algorithm 1 at a pipeline's last stage; labels are (targets, masked, p_mask)."""
-    _, masked, p_mask = labels
-    return pretrain_loss_from_ce(ce, NoisedBatch(noisy=None, masked=masked, p_mask=p_mask))
-
-
-def pipeline_step(engine, cfg: RunConfig, batches: list[torch.Tensor], mask_id: int, step: int,
-                  dp_rank: int, dp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step of a pipeline engine (`parallel.pipeline`) over this replica's
-    micro-batches, their noise drawn as `micro_batch_loss` draws it and carried as (noisy ids,
-    (targets, masked, p_mask)). Returns (the sum of the micro-batches' losses, the largest logit)."""
-    from parallel.pipeline import train_step
-
-    micro_batches = []
-    for micro_step, batch in enumerate(batches):
-        first_row = first_global_row(micro_step, dp_rank, dp_size, cfg.train.micro_batch_size)
-        nb = draw_noise(batch, mask_id, cfg.train.seed, step, first_row)
-        micro_batches.append((nb.noisy, (batch, nb.masked, nb.p_mask)))
-    mean_loss, max_logit = train_step(engine, micro_batches)
-    return mean_loss * len(batches), max_logit
-
-
-def build_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, object]:
-    """The model for this rank (a TP shard when tensor_parallel > 1, built partitioned under
-    ZeRO-3; this rank's pipeline stage when pipeline_parallel > 1) and the `mpu` adapter
-    DeepSpeed needs for TP (None at TP 1 and for a pipeline)."""
-    layers, mpu = None, None
-    tp = cfg.parallel.tensor_parallel
-    # Weights come from the model's own seeded generator; seeding the global RNG as well keeps
-    # anything a library draws at construction (megatron-core's CPU initialisation) identical
-    # on every rank and run.
-    torch.manual_seed(cfg.train.seed)
-    pp = cfg.parallel.pipeline_parallel
-    pointwise = "compiled" if cfg.fast.compile_pointwise else "eager"
-    if tp > 1:
-        from parallel.tensor_parallel import MegatronMpu, TensorParallelLayers, initialize_groups
-        initialize_groups(tp, pp)
-        layers, mpu = TensorParallelLayers(tp), MegatronMpu()
-    if pp > 1:  # this rank's stage; DeepSpeed takes its groups from the pipeline's topology
-        from parallel.pipeline import LLaDAPipeline
-        return LLaDAPipeline(cfg.model, layers, pipeline_parallel=pp, loss_from_ce=pipeline_loss,
-                             attention_backend=cfg.train.attention_backend, init_seed=cfg.train.seed,
-                             activation_checkpointing=cfg.memory.activation_checkpointing,
-                             loss_chunk_tokens=cfg.memory.loss_chunk_tokens, pointwise=pointwise,
-                             fuse_projections=cfg.fast.fuse_projections), None
-    with ds.model_construction(ds_config, mpu, enabled=cfg.parallel.zero_init):
-        model = LLaDAModel(cfg.model, layers, attention_backend=cfg.train.attention_backend,
-                           init_seed=cfg.train.seed,
-                           activation_checkpointing=cfg.memory.activation_checkpointing,
-                           loss_chunk_tokens=cfg.memory.loss_chunk_tokens,
-                           pointwise=pointwise, fuse_projections=cfg.fast.fuse_projections)
-    return model, mpu
 
 
 @torch.no_grad()
@@ -256,32 +155,6 @@ def steps_for_epochs(cfg: RunConfig, stream, layout: Layout) -> int:
                           f"micro-batches per rank make no optimizer step of {layout.grad_accum} "
                           f"micro-batches; give more conversations or a smaller train.global_batch_size")
     return steps
-
-
-# Fields a run may change from the weights it starts from: context length and init settings.
-_INIT_FROM_MAY_CHANGE = ("max_sequence_length", "init_fn", "init_cutoff_factor")
-
-
-def init_from_weights(cfg: RunConfig) -> Path:
-    """`train.init_from`, checked to hold this run's model (context length and init may differ)."""
-    source = Path(cfg.train.init_from)
-    differences = read_model_config(source).differences(cfg.model, ignore=_INIT_FROM_MAY_CHANGE)
-    if differences:
-        raise ConfigError(f"train.init_from: {source} holds another model (its config.yaml vs this "
-                          f"run):\n  model." + "\n  model.".join(differences))
-    return source
-
-
-def build_engine(cfg: RunConfig, ds_config: dict, weights: Path | None = None):
-    """This rank's model (TP shard, ZeRO-3 partitions) in a DeepSpeed engine with its optimizer.
-
-    `weights` (a checkpoint's whole weights) are loaded before the engine exists: DeepSpeed's
-    optimizer copies the module's weights into its own (fp32, partitioned) master copies at
-    initialisation, and a later write to the module would be overwritten by the first step."""
-    model, mpu = build_model(cfg, ds_config)
-    if weights is not None:
-        load_weights_only(model, weights)
-    return ds.initialize(model, build_optimizer(model, cfg), ds_config, mpu=mpu)
 
 
 def run(cfg: RunConfig, resume: str | None = None) -> None:

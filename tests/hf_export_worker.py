@@ -32,7 +32,8 @@ from pretrain.config import RunConfig
 from pretrain.export_hf import export
 from pretrain.import_hf import import_release
 from pretrain.layout import engine_config, resolve_layout
-from pretrain.train import build_engine, init_from_weights, micro_batch_loss
+from pretrain.engine_setup import build_engine, init_from_weights
+from pretrain.step_loss import micro_batch_loss
 
 MODEL = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
                     vocab_size=320, max_sequence_length=64)

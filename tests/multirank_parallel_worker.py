@@ -38,7 +38,8 @@ from pretrain.checkpoint import load_weights
 from pretrain.config import RunConfig
 from pretrain.safetensors_stream import read_header
 from pretrain.objectives import pretrain_loss_from_ce
-from pretrain.train import build_optimizer, draw_noise, micro_batch_loss
+from pretrain.engine_setup import build_optimizer
+from pretrain.step_loss import draw_noise, micro_batch_loss
 
 CFG = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
                   vocab_size=128, max_sequence_length=32)

@@ -42,7 +42,7 @@ from pretrain.hf_format import expected_tensors
 from pretrain.objectives import forward_process, pretrain_loss_from_ce
 from pretrain.layout import engine_config, resolve_layout
 from pretrain.safetensors_stream import read_header
-from pretrain.train import build_model, build_optimizer
+from pretrain.engine_setup import build_model, build_optimizer
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
                   vocab_size=50, max_sequence_length=64)

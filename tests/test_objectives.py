@@ -276,7 +276,7 @@ def test_training_noise_is_keyed_on_the_global_row():
     """t and masks depend on (seed, step, row of the global batch) only: tensor-parallel peers
     (same call) agree, replicas (other rows) differ, and any split of the batch over ranks or
     micro-steps gives each row the same noise."""
-    from pretrain.train import draw_noise
+    from pretrain.step_loss import draw_noise
 
     batch = torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(0))
     whole = draw_noise(batch, 63, seed=5, step=3, first_row=0)

@@ -34,7 +34,7 @@ from pretrain.export_hf import export
 from pretrain.inference import load_model
 from pretrain.objectives import sft_loss
 from pretrain.sampling import SamplerConfig, generate
-from pretrain.train import draw_noise, micro_batch_loss
+from pretrain.step_loss import draw_noise, micro_batch_loss
 from tiny_checkpoints import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,89 @@
+"""A run's model, optimizer and DeepSpeed engine, built from its config.
+
+The training loop, inference (`pretrain.inference`), the profiler and the tests build them the
+same way: megatron-core shards when `parallel.tensor_parallel` > 1, DeepSpeed pipeline stages
+when `parallel.pipeline_parallel` > 1, `zero.Init` partitions under ZeRO-3, weights drawn from
+the model's own seeded generator or loaded whole before the engine exists, the fast path's
+switches applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from parallel import engine as ds
+from parallel.model import LLaDAModel, no_weight_decay
+from pretrain.checkpoint import load_weights_only, read_model_config
+from pretrain.config import ConfigError, RunConfig
+from pretrain.step_loss import pipeline_loss
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW over two groups: weight decay on the matrices, none on the norm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if no_weight_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.schedule.peak_lr, betas=cfg.optim.betas,
+                             eps=cfg.optim.eps, fused=cfg.fast.fused_adamw)
+
+
+# Fields a run may change from the weights it starts from: context length and init settings.
+_INIT_FROM_MAY_CHANGE = ("max_sequence_length", "init_fn", "init_cutoff_factor")
+
+
+def init_from_weights(cfg: RunConfig) -> Path:
+    """`train.init_from`, checked to hold this run's model (context length and init may differ)."""
+    source = Path(cfg.train.init_from)
+    differences = read_model_config(source).differences(cfg.model, ignore=_INIT_FROM_MAY_CHANGE)
+    if differences:
+        raise ConfigError(f"train.init_from: {source} holds another model (its config.yaml vs this "
+                          f"run):\n  model." + "\n  model.".join(differences))
+    return source
+
+
+def build_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, object]:
+    """The model for this rank (a TP shard when tensor_parallel > 1, built partitioned under
+    ZeRO-3; this rank's pipeline stage when pipeline_parallel > 1) and the `mpu` adapter
+    DeepSpeed needs for TP (None at TP 1 and for a pipeline)."""
+    layers, mpu = None, None
+    tp = cfg.parallel.tensor_parallel
+    # Weights come from the model's own seeded generator; seeding the global RNG as well keeps
+    # anything a library draws at construction (megatron-core's CPU initialisation) identical
+    # on every rank and run.
+    torch.manual_seed(cfg.train.seed)
+    pp = cfg.parallel.pipeline_parallel
+    pointwise = "compiled" if cfg.fast.compile_pointwise else "eager"
+    if tp > 1:
+        from parallel.tensor_parallel import MegatronMpu, TensorParallelLayers, initialize_groups
+        initialize_groups(tp, pp)
+        layers, mpu = TensorParallelLayers(tp), MegatronMpu()
+    if pp > 1:  # this rank's stage; DeepSpeed takes its groups from the pipeline's topology
+        from parallel.pipeline import LLaDAPipeline
+        return LLaDAPipeline(cfg.model, layers, pipeline_parallel=pp, loss_from_ce=pipeline_loss,
+                             attention_backend=cfg.train.attention_backend, init_seed=cfg.train.seed,
+                             activation_checkpointing=cfg.memory.activation_checkpointing,
+                             loss_chunk_tokens=cfg.memory.loss_chunk_tokens, pointwise=pointwise,
+                             fuse_projections=cfg.fast.fuse_projections), None
+    with ds.model_construction(ds_config, mpu, enabled=cfg.parallel.zero_init):
+        model = LLaDAModel(cfg.model, layers, attention_backend=cfg.train.attention_backend,
+                           init_seed=cfg.train.seed,
+                           activation_checkpointing=cfg.memory.activation_checkpointing,
+                           loss_chunk_tokens=cfg.memory.loss_chunk_tokens,
+                           pointwise=pointwise, fuse_projections=cfg.fast.fuse_projections)
+    return model, mpu
+
+
+def build_engine(cfg: RunConfig, ds_config: dict, weights: Path | None = None):
+    """This rank's model (TP shard, ZeRO-3 partitions) in a DeepSpeed engine with its optimizer.
+
+    `weights` (a checkpoint's whole weights) are loaded before the engine exists: DeepSpeed's
+    optimizer copies the module's weights into its own (fp32, partitioned) master copies at
+    initialisation, and a later write to the module would be overwritten by the first step."""
+    model, mpu = build_model(cfg, ds_config)
+    if weights is not None:
+        load_weights_only(model, weights)
+    return ds.initialize(model, build_optimizer(model, cfg), ds_config, mpu=mpu)
