@@ -61,7 +61,7 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def block_parameter_count(model: ModelConfig) -> int:
+def _block_parameter_count(model: ModelConfig) -> int:
     d, f = model.d_model, model.mlp_hidden_size
     kv = model.n_kv_heads * model.head_dim
     # q_proj and attn_out d*d, k_proj and v_proj d*kv, three SwiGLU matrices, two norms.
@@ -73,7 +73,7 @@ def stage_parameter_count(model: ModelConfig, n_blocks: int, first: bool, last: 
     final norm and (untied) head on the last."""
     v, d = model.vocab_size, model.d_model
     head = 0 if model.weight_tying else v * d
-    return n_blocks * block_parameter_count(model) + (v * d if first else 0) + ((head + d) if last else 0)
+    return n_blocks * _block_parameter_count(model) + (v * d if first else 0) + ((head + d) if last else 0)
 
 
 def parameter_count(model: ModelConfig) -> int:
