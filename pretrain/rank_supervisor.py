@@ -2,10 +2,10 @@
 
 A rank killed from outside (SIGKILL from the out-of-memory killer, a segfault, NCCL's watchdog
 abort) prints nothing, and DeepSpeed's launcher reports the failure with the command line of
-whichever rank it started last, not the one that died. The recipes call `supervise()` first
-thing, before torch is imported: under a launcher (WORLD_SIZE > 1) the process forks; the
-child returns and trains as before, while the parent waits for it, passes on SIGTERM and
-SIGUSR1 (preemption), and when the child ends badly prints one line naming the rank, local
+whichever rank it started last, not the one that died. Every recipe calls `supervise()` first
+thing (`pretrain.recipe_entry`), before torch is imported: under a launcher (WORLD_SIZE > 1)
+the process forks; the child returns and trains as before, while the parent waits for it,
+passes on SIGTERM and SIGUSR1 (preemption), and when the child ends badly prints one line naming the rank, local
 rank, host, process id and how it ended, then exits with the child's code (128 + N for signal
 N), which the launcher passes on. Stdlib only, so the parent stays small.
 """

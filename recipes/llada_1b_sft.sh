@@ -13,11 +13,8 @@ exec bash "$(dirname "$self")/sft_pipeline.sh" "$self" "$@"
 import pathlib
 import sys
 
-recipe = pathlib.Path(__file__).resolve()
-sys.path.insert(0, str(recipe.parents[1]))  # the checkout, whatever the working directory
-from pretrain.rank_supervisor import supervise  # noqa: E402
+# the checkout, whatever the working directory
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from pretrain.recipe_entry import run_recipe  # noqa: E402
 
-supervise()  # under a launcher, a parent process names this rank if it ends badly
-from pretrain.train import main  # noqa: E402
-
-sys.exit(main(["--config", str(recipe.with_suffix(".yaml")), *sys.argv[1:]]))
+sys.exit(run_recipe(__file__))

@@ -13,13 +13,9 @@ exec deepspeed --num_gpus 2 ${MASTER_PORT:+--master_port "$MASTER_PORT"} "$self"
 import pathlib
 import sys
 
-recipe = pathlib.Path(__file__).resolve()
-sys.path.insert(0, str(recipe.parents[1]))  # the checkout, whatever the working directory
-from pretrain.rank_supervisor import supervise  # noqa: E402
-
-supervise()  # under a launcher, a parent process names this rank if it ends badly
-from pretrain.train import main  # noqa: E402
+# the checkout, whatever the working directory
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from pretrain.recipe_entry import run_recipe  # noqa: E402
 
 # The demo's global batch of 32 as 16 rows per rank: accumulation keeps it at any rank count.
-sys.exit(main(["--config", str(recipe.with_suffix(".yaml")), "train.micro_batch_size=16",
-               "train.out_dir=runs/tiny_2ranks", *sys.argv[1:]]))
+sys.exit(run_recipe(__file__, "train.micro_batch_size=16", "train.out_dir=runs/tiny_2ranks"))
