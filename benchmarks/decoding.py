@@ -14,7 +14,7 @@ tokens/s (generated positions over the best wall time of `--repeats` passes, the
 interleaved so that other load on the machine moves them alike), speed-up against exact
 decoding, forwards per prompt (NFE), the share of answer tokens identical to exact decoding's
 (answers cut at the first EOS, the rest counted as EOS), and the task's exact-match accuracy
-(`pretrain.eval_tasks` scoring). A second table shows what a step costs: one forward over
+(`pretrain.evaluation.tasks` scoring). A second table shows what a step costs: one forward over
 the whole sequence against one over a window through the cache, at a few sequence lengths,
 with the block's projections separate and fused (`load_model(..., fuse_projections=True)`).
 On CPU it runs on `--threads` threads (1 by default).
@@ -40,11 +40,11 @@ from data_pipeline.tokenizer import TokenizerInfo, train_bpe
 from parallel.attention import KVCache
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
-from pretrain.eval_tasks import generation_record, load_tasks, read_examples
-from pretrain.evaluate import CountingModel
-from pretrain.generate import sample_prompts
-from pretrain.inference import load_model
-from pretrain.objectives import sft_loss, sft_noise
+from pretrain.diffusion.objectives import sft_loss, sft_noise
+from pretrain.evaluation.scoring import CountingModel
+from pretrain.evaluation.tasks import generation_record, load_tasks, read_examples
+from pretrain.inference.batched import sample_prompts
+from pretrain.inference.loading import load_model
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "star", "rain",
          "snow", "wind", "fire", "stone", "milk", "bread", "salt", "gold", "iron", "sand", "leaf", "rose"]

@@ -72,10 +72,10 @@ def small_config(**overrides):
 
 def check_engine_steps() -> None:
     from parallel import engine as ds
-    from pretrain.config import load_config
-    from pretrain.layout import engine_config, resolve_layout
-    from pretrain.engine_setup import build_engine
-    from pretrain.step_loss import micro_batch_loss
+    from pretrain.training.config import load_config
+    from pretrain.training.engine_setup import build_engine
+    from pretrain.training.layout import engine_config, resolve_layout
+    from pretrain.training.step_loss import micro_batch_loss
 
     ds.init_distributed()
     for stage in (1, 3):
@@ -99,7 +99,7 @@ def check_engine_steps() -> None:
 def loss_and_grads(config, *, seed: int = 0, **model_args):
     from parallel.fused_projections import whole_released_tensors
     from parallel.model import LLaDAModel
-    from pretrain.objectives import forward_process, pretrain_loss_from_ce
+    from pretrain.diffusion.objectives import forward_process, pretrain_loss_from_ce
 
     torch.manual_seed(0)
     model = LLaDAModel(config, init_seed=seed, **model_args).to("cuda", torch.bfloat16)

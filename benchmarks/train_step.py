@@ -19,7 +19,7 @@ memory is its own:
                      head), so one run measures what each switch does; a switch the machine
                      cannot run (a GPU-only kernel on CPU) gets a "failed" row
 
-Columns: tokens/s, model and executed TFLOP/s and MFU (`pretrain.flops`: 51.43 GFLOP/token for
+Columns: tokens/s, model and executed TFLOP/s and MFU (`pretrain.runtime.flops`: 51.43 GFLOP/token for
 LLaDA 8B at 4096; the reference runs its head at every position, the stack only at masked
 ones), peak memory (CUDA allocator peak; on CPU the process's peak RSS) and the stack's tokens/s
 over the reference's at the same shape (the headline). On CPU it runs in fp32 at whatever shape
@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from parallel.model_config import ModelConfig, preset  # noqa: E402
-from pretrain.flops import FlopMeter, Flops, device_name, mfu, micro_batch_flops, peak_tflops  # noqa: E402
-from pretrain.objectives import forward_process, pretrain_loss_from_ce  # noqa: E402
-from pretrain.throughput import peak_memory_gib  # noqa: E402
+from pretrain.diffusion.objectives import forward_process, pretrain_loss_from_ce  # noqa: E402
+from pretrain.runtime.flops import FlopMeter, Flops, device_name, mfu, micro_batch_flops, peak_tflops  # noqa: E402
+from pretrain.runtime.throughput import peak_memory_gib  # noqa: E402
 
 # row name on the command line -> the name the table prints
 ROWS = {"stack-8b": "stack 8B shape", "stack-1b": "stack 1B", "reference-8b": "reference 8B shape"}
@@ -121,10 +121,10 @@ def _sync(device: torch.device) -> None:
 def run_stack(config: ModelConfig, args) -> tuple[float, Flops]:
     """(seconds for the timed steps, their FLOPs) through the training loop's own pieces."""
     from parallel import engine as ds
-    from pretrain.config import RunConfig, validate
-    from pretrain.layout import engine_config, resolve_layout
-    from pretrain.engine_setup import build_engine
-    from pretrain.step_loss import micro_batch_loss
+    from pretrain.training.config import RunConfig, validate
+    from pretrain.training.engine_setup import build_engine
+    from pretrain.training.layout import engine_config, resolve_layout
+    from pretrain.training.step_loss import micro_batch_loss
 
     cfg = RunConfig(model=config)
     cfg.data.seq_len = args.seq_len

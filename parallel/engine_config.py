@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-
 # The PipelineEngine's activations cross stage boundaries whole: its default partitioning of
 # them over the tensor-parallel group caches the first micro-batch's shapes, which a micro-batch
 # shortened by the 1% rule breaks (see parallel.pipeline).

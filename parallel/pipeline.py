@@ -33,12 +33,19 @@ from torch import nn
 
 from parallel.engine import import_deepspeed
 from parallel.fused_ops import pointwise_ops
-from parallel.fused_projections import (ModelParameter, model_parameters, released_shapes,
-                                        whole_released_tensors)
+from parallel.fused_projections import ModelParameter, model_parameters, released_shapes, whole_released_tensors
 from parallel.layers import DenseLayers
 from parallel.memory_plan import CHECKPOINTING
-from parallel.model import (LLaDABlock, RotaryEmbedding, final_norm, lm_head, run_block,
-                            token_embedding, use_pointwise, weight_init)
+from parallel.model import (
+    LLaDABlock,
+    RotaryEmbedding,
+    final_norm,
+    lm_head,
+    run_block,
+    token_embedding,
+    use_pointwise,
+    weight_init,
+)
 from parallel.model_config import ModelConfig
 from parallel.topology import coordinates, rank_of, stage_blocks
 
@@ -260,7 +267,7 @@ class PipelineForward:
         if unsupported or (attention_mask is not None and not bool(attention_mask.bool().all())):
             raise ValueError(f"a pipeline's forward takes unpadded ids and no KV cache (got "
                              f"{sorted(unsupported) or 'a padding attention_mask'}); load the "
-                             f"checkpoint's whole weights for that (pretrain.inference)")
+                             f"checkpoint's whole weights for that (pretrain.inference.loading)")
         dist, module, grid = torch.distributed, self.module, self.module._grid
         stage, last = grid.get_stage_id(), module.num_stages - 1
         b, s = input_ids.shape

@@ -17,9 +17,9 @@ import torch
 
 from data_pipeline.seeding import keyed_generator
 from data_pipeline.sft import ChatTemplate
-from pretrain.generate import add_model_flags, add_sampler_flags, open_model, sampler_config
-from pretrain.inference import InferenceModel
-from pretrain.sampling import generate, strip_at_eos
+from pretrain.diffusion.sampling import generate, strip_at_eos
+from pretrain.inference.flags import add_model_flags, add_sampler_flags, open_model, sampler_config
+from pretrain.inference.loading import InferenceModel
 
 
 def answer(model: InferenceModel, dialogue: list[dict], config, seed: int, turn: int) -> str:

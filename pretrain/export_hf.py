@@ -27,9 +27,16 @@ import torch
 import yaml
 
 from data_pipeline.tokenizer import SPECIAL_TOKENS, TokenizerInfo, check_fits_model, load_tokenizer
-from pretrain.checkpoint import new_directory, read_trainer_state, weights_checkpoint, weights_source
-from pretrain.hf_format import MODELING_FILES, FormatError, expected_tensors, released_config, require_tensors
-from pretrain.safetensors_stream import PlannedTensor, parse_size, read_tensor, write_sharded
+from pretrain.checkpoint.hf_format import (
+    MODELING_FILES,
+    FormatError,
+    expected_tensors,
+    released_config,
+    require_tensors,
+)
+from pretrain.checkpoint.safetensors_stream import PlannedTensor, parse_size, read_tensor, write_sharded
+from pretrain.checkpoint.store import read_trainer_state
+from pretrain.checkpoint.weights import new_directory, weights_checkpoint, weights_source
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODELING_SOURCE = Path(__file__).resolve().parent / "hf_modeling"

@@ -29,10 +29,10 @@ from pathlib import Path
 import yaml
 
 from data_pipeline.tokenizer import check_fits_model, load_tokenizer
-from pretrain.checkpoint import new_directory
-from pretrain.config import ConfigError, RunConfig, load_config, validate_parallel
-from pretrain.hf_format import FormatError, expected_tensors, model_config_from_released, require_tensors
-from pretrain.safetensors_stream import PlannedTensor, read_directory, read_tensor, write_file
+from pretrain.checkpoint.hf_format import FormatError, expected_tensors, model_config_from_released, require_tensors
+from pretrain.checkpoint.safetensors_stream import PlannedTensor, read_directory, read_tensor, write_file
+from pretrain.checkpoint.weights import new_directory
+from pretrain.training.config import ConfigError, RunConfig, load_config, validate_parallel
 
 IMPORTED = "imported.json"
 

@@ -1,6 +1,6 @@
 """Throughput profile of a run config: `python -m pretrain.profile --config FILE --steps N [overrides]`.
 
-Runs the real training loop (`pretrain.train`) for `--warmup` + N steps with validation, periodic
+Runs the real training loop (`pretrain.training.loop.run`) for `--warmup` + N steps with validation, periodic
 checkpoints, the final save and the closing sample off, records the last `--trace-steps` steps
 with torch.profiler (a Chrome trace per rank under `<train.out_dir>/profile/`), and prints one
 table from the loop's own `perf/...` record of the N steps: tokens/s per device, model and
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from pretrain import train
-from pretrain.config import ConfigError, RunConfig, load_config
-from pretrain.flops import model_flops_per_token
-from pretrain.throughput import PHASES, peak_memory_gib
+from pretrain.runtime.flops import model_flops_per_token
+from pretrain.runtime.throughput import PHASES, peak_memory_gib
+from pretrain.training.config import RunConfig, load_config
+from pretrain.training.entry import with_exit_codes
+from pretrain.training.loop import run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,23 +107,19 @@ def table(cfg: RunConfig, record: dict, world_size: int, trace_dir: Path) -> str
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = profile_overrides(args)
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    code = train.main(["--config", args.config, *overrides])
-    if code != 0:
-        return code
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0:
+def profile(args: argparse.Namespace) -> int:
+    """Run the profile and print its table (rank 0)."""
+    cfg = load_config(args.config, profile_overrides(args))
+    run(cfg)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         out_dir = Path(cfg.train.out_dir)
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         print(table(cfg, last_perf_record(out_dir), world_size, out_dir / "profile"), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return with_exit_codes(lambda: profile(parse_args(argv)))
 
 
 if __name__ == "__main__":

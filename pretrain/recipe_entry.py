@@ -2,7 +2,7 @@
 
 A recipe is both a bash script and a Python script: the deepspeed launcher runs it with Python on
 every rank, and that part only puts the checkout on `sys.path` and calls `run_recipe`. It starts
-the rank supervisor before torch is imported (`pretrain.rank_supervisor`: a parent process names
+the rank supervisor before torch is imported (`pretrain.runtime.rank_supervisor`: a parent process names
 this rank if it ends badly), then trains with the YAML beside the script.
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pretrain.rank_supervisor import supervise
+from pretrain.runtime.rank_supervisor import supervise
 
 
 def run_recipe(script: str, *overrides: str) -> int:
     """Train with `script`'s YAML (same name, `.yaml`), the recipe's own `overrides`, then the
     command line's arguments; returns the exit code."""
     supervise()
-    from pretrain.train import main
+    from pretrain.training.entry import main  # lazy: torch loads only after supervise()
 
     return main(["--config", str(Path(script).resolve().with_suffix(".yaml")), *overrides, *sys.argv[1:]])

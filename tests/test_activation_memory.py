@@ -14,7 +14,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from parallel.memory_plan import estimate_memory, parameter_count
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
-from pretrain.objectives import forward_process, pretrain_loss_from_ce
+from pretrain.diffusion.objectives import forward_process, pretrain_loss_from_ce
 
 CFG = ModelConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden_size=344,
                   vocab_size=2048, max_sequence_length=256)

@@ -13,8 +13,8 @@ import torch
 from parallel.attention import attention
 from parallel.model import LLaDAModel, RotaryEmbedding
 from parallel.model_config import ModelConfig
-from pretrain.hf_modeling.configuration_llada import LLaDAConfig
-from pretrain.hf_modeling.modeling_llada import LLaDAModelLM
+from pretrain.checkpoint.hf_modeling.configuration_llada import LLaDAConfig
+from pretrain.checkpoint.hf_modeling.modeling_llada import LLaDAModelLM
 
 SHAPE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
              vocab_size=128, max_sequence_length=64)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from pretrain.config import ConfigError, load_config
-from pretrain.train import main
+from pretrain.training.config import ConfigError, load_config
+from pretrain.training.entry import main
 
 TINY = "recipes/tiny.yaml"
 

@@ -6,23 +6,17 @@ instead, which gives the two ranks of a tensor-parallel pair different data (a s
 model)."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from support.ports import free_port
 
 from data_pipeline.shards import Manifest, shard_name, write_manifest, write_shard
 
 VOCAB = 80_000
 SHA = "ab" * 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tensor_parallel_pairs_share_batches_and_replicas_differ(tmp_path, subprocess_env):
@@ -32,7 +26,7 @@ def test_tensor_parallel_pairs_share_batches_and_replicas_differ(tmp_path, subpr
     shards = [write_shard(data / shard_name(i), list(ids[i]), documents=4) for i in range(5)]
     write_manifest(data, Manifest(tokenizer_sha256=SHA, vocab_size=VOCAB, eos_id=0, shards=shards))
     out = tmp_path / "hashes.json"
-    worker = Path(__file__).with_name("multirank_data_worker.py")
+    worker = Path(__file__).with_name("support") / "multirank_data_worker.py"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

@@ -10,9 +10,17 @@
 
 import pytest
 from PIL import Image
+from support.tiny_checkpoints import stdlib_tokenizer
 
-from pretrain.denoising_view import DenoisingView, step_colour, text_colour, to_html, to_image, write_html, write_png
-from tiny_checkpoints import stdlib_tokenizer
+from pretrain.inference.denoising_view import (
+    DenoisingView,
+    step_colour,
+    text_colour,
+    to_html,
+    to_image,
+    write_html,
+    write_png,
+)
 
 
 def luminance(colour):

@@ -16,7 +16,7 @@ from parallel import engine as ds
 from parallel.engine_config import ParallelConfig, deepspeed_config
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
-from pretrain.objectives import forward_process, pretrain_loss
+from pretrain.diffusion.objectives import forward_process, pretrain_loss
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64,
                   vocab_size=64, max_sequence_length=16)

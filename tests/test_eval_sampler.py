@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
+from support.ports import free_port
 
 from data_pipeline.eval_sampler import gather_in_order, shard_examples, shard_indices
 
@@ -61,12 +61,6 @@ ordered = gather_in_order(scores, [index for index, _ in items])
 print(json.dumps({"rank": rank, "items": len(items), "ordered": ordered, "lockstep_total": lockstep_total}))
 dist.destroy_process_group()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_gloo_ranks_stay_in_lockstep_and_gather_in_order(subprocess_env):

@@ -23,15 +23,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support.ports import free_port
+from support.tiny_checkpoints import stdlib_tokenizer, write_checkpoint
 
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from pretrain import evaluate
-from pretrain.eval_tasks import (cut_at_stops, encode_pair, extract_answer, generation_record, load_tasks,
-                                 read_examples)
-from pretrain.objectives import sft_loss, sft_noise
-from test_parallel import free_port
-from tiny_checkpoints import stdlib_tokenizer, write_checkpoint
+from pretrain.diffusion.objectives import sft_loss, sft_noise
+from pretrain.evaluation import scoring
+from pretrain.evaluation.tasks import (
+    cut_at_stops,
+    encode_pair,
+    extract_answer,
+    generation_record,
+    load_tasks,
+    read_examples,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["self", "data", "name", "value", "key", "obj", "items", "text"]
@@ -250,6 +257,6 @@ def test_stops_extraction_the_continuation_split_chat_and_limit(trained, tmp_pat
                                                                "path": "q.jsonl", "chat": True}]))
     examples = read_examples(task, limit=1)
     assert len(examples) == 1 and examples[0].answer == "7"  # a numeric answer is read as text
-    (prompt,) = evaluate._prompt_ids(tok, task, examples)
+    (prompt,) = scoring.prompt_ids(tok, task, examples)
     special = tok.special_ids
     assert prompt[:2] == [special["bos"], special["start_header"]] and special["eot"] in prompt

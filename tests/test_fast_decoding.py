@@ -31,10 +31,10 @@ import torch
 from parallel.attention import KVCache
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
-from pretrain.eval_tasks import TaskFileError, load_tasks, read_examples
-from pretrain.evaluate import run_task
-from pretrain.inference import load_model
-from pretrain.sampling import SamplerConfig, generate, left_pad
+from pretrain.diffusion.sampling import SamplerConfig, generate, left_pad
+from pretrain.evaluation.scoring import run_task
+from pretrain.evaluation.tasks import TaskFileError, load_tasks, read_examples
+from pretrain.inference.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("decoding_benchmark", REPO / "benchmarks" / "decoding.py")

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
-
 from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 
 from parallel import fused_ops
 from parallel.attention import KVCache
@@ -36,13 +35,13 @@ from parallel.engine import full_state_dict
 from parallel.fused_projections import whole_released_tensors
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
-from pretrain.checkpoint import load_weights
-from pretrain.config import ConfigError, load_config
-from pretrain.hf_format import expected_tensors
-from pretrain.objectives import forward_process, pretrain_loss_from_ce
-from pretrain.layout import engine_config, resolve_layout
-from pretrain.safetensors_stream import read_header
-from pretrain.engine_setup import build_model, build_optimizer
+from pretrain.checkpoint.hf_format import expected_tensors
+from pretrain.checkpoint.safetensors_stream import read_header
+from pretrain.checkpoint.weights import load_weights
+from pretrain.diffusion.objectives import forward_process, pretrain_loss_from_ce
+from pretrain.training.config import ConfigError, load_config
+from pretrain.training.engine_setup import build_model, build_optimizer
+from pretrain.training.layout import engine_config, resolve_layout
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
                   vocab_size=50, max_sequence_length=64)
@@ -243,7 +242,7 @@ def test_fused_model_writes_and_reads_the_released_tensors(tmp_path):
     trained = LLaDAModel(CFG, init_seed=1)  # other weights, in the released layout
     path = tmp_path / "model.safetensors"
     save_file(full_state_dict(trained), str(path))
-    with torch.device("meta"):  # as pretrain.inference builds it: to_empty re-creates every parameter
+    with torch.device("meta"):  # as pretrain.inference.loading builds it: to_empty re-creates every parameter
         loaded = LLaDAModel(CFG, init_seed=None, fuse_projections=True)
     loaded = loaded.to_empty(device="cpu")
     load_weights(loaded, read_header(path), str(path))

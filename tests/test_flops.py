@@ -1,4 +1,4 @@
-"""The FLOP convention, the device peak table and MFU (pretrain/flops.py).
+"""The FLOP convention, the device peak table and MFU (pretrain/runtime/flops.py).
 
 MFU is only as honest as its numerator and denominator: the model FLOPs per token are pinned to
 the literal the issue states for LLaDA 8B at 4096 (51.43 GFLOP, with the plausible wrong
@@ -16,9 +16,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig, preset
-from pretrain.flops import (FlopMeter, device_peak, micro_batch_flops, mfu, model_flops_per_token,
-                            non_embedding_parameters, peak_tflops)
-from pretrain.objectives import forward_process, next_token_targets
+from pretrain.diffusion.objectives import forward_process, next_token_targets
+from pretrain.runtime.flops import (
+    FlopMeter,
+    device_peak,
+    mfu,
+    micro_batch_flops,
+    model_flops_per_token,
+    non_embedding_parameters,
+    peak_tflops,
+)
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
                   vocab_size=50, max_sequence_length=32)

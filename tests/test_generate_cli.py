@@ -24,15 +24,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.ports import free_port
+from support.tiny_checkpoints import eos_ending_checkpoint
 
 from data_pipeline.tokenizer import load_tokenizer
-from pretrain import chat, generate as generate_cli
-from pretrain.denoising_view import DenoisingView, to_html
+from pretrain import chat
+from pretrain import generate as generate_cli
+from pretrain.diffusion.sampling import SamplerConfig, generate
 from pretrain.export_hf import export
-from pretrain.inference import load_model
-from pretrain.sampling import SamplerConfig, generate
-from test_parallel import free_port
-from tiny_checkpoints import eos_ending_checkpoint
+from pretrain.inference.denoising_view import DenoisingView, to_html
+from pretrain.inference.loading import load_model
 
 PROMPTS = ["def load(s):", "import json", "class Decoder:", "return value", "x = 1"]
 SAMPLER = ["--steps", "16", "--gen-length", "16", "--block-length", "8", "--batch-size", "1"]

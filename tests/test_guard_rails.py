@@ -13,7 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from pretrain.guard_rails import GuardConfig, GuardRails, HangWatchdog, Verdict
+from pretrain.runtime.guard_rails import GuardConfig, GuardRails, HangWatchdog, Verdict
 
 REPO = Path(__file__).resolve().parents[1]
 NAN, INF = math.nan, math.inf
@@ -147,7 +147,7 @@ def test_problems_flag_invalid_values():
 def test_watchdog_reports_a_hang_and_exits(subprocess_env):
     code = textwrap.dedent("""
         import time
-        from pretrain.guard_rails import HangWatchdog
+        from pretrain.runtime.guard_rails import HangWatchdog
         w = HangWatchdog(timeout_s=1, rank=3).start()
         w.beat(7, "all-reduce of the step metrics")
         time.sleep(30)

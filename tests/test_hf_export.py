@@ -29,19 +29,19 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from support.ports import free_port
+from support.tiny_checkpoints import stdlib_tokenizer, write_checkpoint
 
 from data_pipeline.tokenizer import load_tokenizer
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig, preset
-from pretrain.export_hf import export, main as export_main
-from pretrain.hf_format import FormatError, expected_tensors
-from pretrain.import_hf import import_release, main as import_main
+from pretrain.checkpoint.hf_format import FormatError, expected_tensors
+from pretrain.export_hf import export
+from pretrain.export_hf import main as export_main
+from pretrain.import_hf import import_release
+from pretrain.import_hf import main as import_main
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_parallel import free_port  # noqa: E402
-from tiny_checkpoints import stdlib_tokenizer, write_checkpoint  # noqa: E402
-
 LAYOUTS = ("single", "zero3", "tp2")
 
 # Every field name of the released LLaDA-8B-Base/-Instruct config.json.
@@ -92,7 +92,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(work, subprocess_env) -> Path:
     """Checkpoints, logits and in-process round trips of the three layouts (hf_export_worker.py)."""
-    worker = str(REPO / "tests" / "hf_export_worker.py")
+    worker = str(REPO / "tests" / "support" / "hf_export_worker.py")
     runs = [[sys.executable, worker, str(work), "single"],
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
              "127.0.0.1", "--master_port", str(free_port()), worker, str(work), "zero3", "tp2"]]
@@ -181,7 +181,7 @@ def test_export_names_shapes_dtypes_and_config_are_the_released_ones(trained):
     released_8b = released_tensor_list(32, 4096, 4096, 12288, 126464)
     assert len(released_8b) == 291 and expected_tensors(llada_8b) == released_8b
 
-    from hf_export_worker import MODEL
+    from support.hf_export_worker import MODEL
     m = MODEL
     released = released_tensor_list(m.n_layers, m.d_model, m.n_kv_heads * m.head_dim,
                                      m.mlp_hidden_size, m.vocab_size)
@@ -317,7 +317,7 @@ MEMORY_PROBE = textwrap.dedent('''
     import json, sys
     from parallel.model_config import ModelConfig
     from pretrain.export_hf import export
-    from pretrain.hf_format import expected_tensors
+    from pretrain.checkpoint.hf_format import expected_tensors
     from safetensors.torch import load_file
 
     expected_tensors(ModelConfig())  # loads torch's meta-device machinery once (~70 MB of code)

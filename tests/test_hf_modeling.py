@@ -1,6 +1,6 @@
 """The stand-alone Hugging Face modeling code against the training model.
 
-`pretrain/hf_modeling/` is what a user of an exported checkpoint runs, and nothing in the
+`pretrain/checkpoint/hf_modeling/` is what a user of an exported checkpoint runs, and nothing in the
 training stack runs it, so its mistakes would show only after export: here it loads the training
 model's state dict by name (strict), must give the same logits in fp32 and bf16, must make a
 left-padded batch give each row what the row gives alone, must really recompute blocks under
@@ -22,9 +22,9 @@ import torch
 from parallel.attention import KVCache
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
-from pretrain.hf_modeling.configuration_llada import LLaDAConfig
-from pretrain.hf_modeling.modeling_llada import LLaDAKVCache, LLaDAModelLM
-from pretrain.sampling import SamplerConfig, generate
+from pretrain.checkpoint.hf_modeling.configuration_llada import LLaDAConfig
+from pretrain.checkpoint.hf_modeling.modeling_llada import LLaDAKVCache, LLaDAModelLM
+from pretrain.diffusion.sampling import SamplerConfig, generate
 
 # Grouped-query (2 query heads per KV head) and a non-default theta, so a hard-coded one shows.
 SHAPE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,

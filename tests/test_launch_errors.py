@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from parallel.rendezvous import RendezvousError, check_master_reachable
-from pretrain.config import ConfigError, load_config
-from pretrain.layout import resolve_layout
+from pretrain.training.config import ConfigError, load_config
+from pretrain.training.layout import resolve_layout
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,8 @@ import torch
 
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
-from pretrain.likelihood import (conditional_log_likelihood, likelihood_noise,
-                                 stratified_mask_counts)
-from pretrain.objectives import forward_process, pretrain_loss
+from pretrain.diffusion.likelihood import conditional_log_likelihood, likelihood_noise, stratified_mask_counts
+from pretrain.diffusion.objectives import forward_process, pretrain_loss
 
 MASK = 63
 VOCAB = 64
@@ -196,8 +195,8 @@ def test_validation_bound_is_algorithm_3_and_splits_over_ranks():
     log-likelihood for the same draws, with an empty prompt (pretraining) and with a prompt (SFT
     answers); split over 2 data-parallel ranks (the second scoring a dummy row) its sums equal
     one rank's, and only answer tokens are counted."""
-    from pretrain.likelihood import sequence_nll_bound
-    from pretrain.validation import heldout_elbo
+    from pretrain.diffusion.likelihood import sequence_nll_bound
+    from pretrain.training.heldout import heldout_elbo
 
     model = LLaDAModel(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden_size=64,
                                    vocab_size=VOCAB, max_sequence_length=32), init_seed=0).eval()

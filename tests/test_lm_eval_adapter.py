@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 from lm_eval.api.instance import Instance
+from support.ports import free_port
+from support.tiny_checkpoints import eos_ending_checkpoint
 
 from data_pipeline.seeding import keyed_generator
-from pretrain.likelihood import conditional_log_likelihood
-from pretrain.eval_tasks import encode_pair
-from pretrain.lm_eval_adapter import LLaDAStackLM
-from pretrain.sampling import SamplerConfig, generate
-from test_parallel import free_port
-from tiny_checkpoints import eos_ending_checkpoint
+from pretrain.diffusion.likelihood import conditional_log_likelihood
+from pretrain.diffusion.sampling import SamplerConfig, generate
+from pretrain.evaluation.lm_eval_model import LLaDAStackLM
+from pretrain.evaluation.tasks import encode_pair
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = ROOT / "tests" / "lm_eval_tasks"
+TASKS = ROOT / "tests" / "support" / "lm_eval_tasks"
 LIKELIHOOD = {"mc_num": 4, "mc_batch_size": 2, "check_greedy": True}
 SAMPLER = {"steps": 16, "gen_length": 32, "block_length": 8}
 
@@ -147,7 +147,7 @@ def test_tasks_end_to_end_on_one_and_two_zero3_ranks(checkpoint, offline, tmp_pa
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain.lm_eval_adapter",
                "--model", "llada_stack", "--model_args", model_args, "--tasks", ",".join(tasks),
-               "--include_path", "tests/lm_eval_tasks", "--output_path", str(tmp_path / "out"), "--log_samples"]
+               "--include_path", "tests/support/lm_eval_tasks", "--output_path", str(tmp_path / "out"), "--log_samples"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=offline, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     [results_file] = (tmp_path / "out").rglob("results_*.json")

@@ -15,8 +15,14 @@ import dataclasses
 import pytest
 import torch
 
-from parallel.memory_plan import (GiB, MemoryEstimate, estimate_memory, estimate_stages, parameter_count,
-                                  stage_parameter_count)
+from parallel.memory_plan import (
+    GiB,
+    MemoryEstimate,
+    estimate_memory,
+    estimate_stages,
+    parameter_count,
+    stage_parameter_count,
+)
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig, preset
 

@@ -19,7 +19,7 @@ import torch
 
 from parallel.model import LLaDAModel, RMSNorm, RotaryEmbedding, no_weight_decay
 from parallel.model_config import ModelConfig, preset
-from pretrain.objectives import forward_process, pretrain_loss
+from pretrain.diffusion.objectives import forward_process, pretrain_loss
 
 P = "model.transformer."
 

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.ports import free_port
 
-from pretrain import checkpoint as ckpt
-from pretrain.config import ConfigError, load_config
+from pretrain.checkpoint import store as ckpt
+from pretrain.training.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "tiny.sh")
@@ -51,12 +52,6 @@ DELAYED_RANK, DELAY_S = 2, 0.5
 KILLED_RANK = 3
 COLLECTIVE_TIMEOUT_S = 20
 LAUNCHER_GRACE_S = 30  # DeepSpeed's launch.py waits this long for the ranks it terminates
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def records(out: Path) -> list[dict]:
@@ -164,7 +159,7 @@ def one_launcher_run(tmp_path_factory, subprocess_env) -> Path:
 HUNG_PEER = """
 import sys, time, torch
 from parallel import engine
-from pretrain.rank_failures import exit_after_collective_failure, is_collective_failure
+from pretrain.runtime.rank_failures import exit_after_collective_failure, is_collective_failure
 engine.init_distributed(rendezvous_timeout_s=60, collective_timeout_s=float(sys.argv[1]))
 if torch.distributed.get_rank() == 1:
     time.sleep(600)  # hung: never joins the collective (the test ends it)

@@ -13,8 +13,7 @@ import math
 import pytest
 import torch
 
-from pretrain.objectives import (ar_loss, forward_process, p_mask_of, pretrain_loss, sft_loss,
-                                 sft_noise)
+from pretrain.diffusion.objectives import ar_loss, forward_process, p_mask_of, pretrain_loss, sft_loss, sft_noise
 
 LN2, LN3, LN4, LN5, LN7 = (math.log(v) for v in (2.0, 3.0, 4.0, 5.0, 7.0))
 MASK_ID = 3  # vocabulary {0, 1, 2, 3}; 3 is the mask row, never a data token here
@@ -276,7 +275,7 @@ def test_training_noise_is_keyed_on_the_global_row():
     """t and masks depend on (seed, step, row of the global batch) only: tensor-parallel peers
     (same call) agree, replicas (other rows) differ, and any split of the batch over ranks or
     micro-steps gives each row the same noise."""
-    from pretrain.step_loss import draw_noise
+    from pretrain.training.step_loss import draw_noise
 
     batch = torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(0))
     whole = draw_noise(batch, 63, seed=5, step=3, first_row=0)

@@ -18,20 +18,14 @@
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_scenario(scenario: str, ranks: int, tmp_path: Path, env: dict) -> dict:
@@ -39,7 +33,7 @@ def run_scenario(scenario: str, ranks: int, tmp_path: Path, env: dict) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-         str(REPO / "tests" / "multirank_parallel_worker.py"), scenario, str(out)],
+         str(REPO / "tests" / "support" / "multirank_parallel_worker.py"), scenario, str(out)],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())

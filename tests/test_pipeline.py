@@ -26,13 +26,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.ports import free_port
+from support.tiny_checkpoints import stdlib_tokenizer
 
-from pretrain.config import ConfigError, load_config
-from pretrain.layout import engine_config, launch_report, memory_estimates, resolve_layout
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_parallel import free_port  # noqa: E402
-from tiny_checkpoints import stdlib_tokenizer  # noqa: E402
+from pretrain.training.config import ConfigError, load_config
+from pretrain.training.layout import engine_config, launch_report, memory_estimates, resolve_layout
 
 REPO = Path(__file__).resolve().parents[1]
 D_MODEL = 64  # the worker's model
@@ -44,7 +42,7 @@ def run_worker(scenario: str, ranks: int, tmp_path: Path, env: dict) -> list[dic
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-         str(REPO / "tests" / "multirank_pipeline_worker.py"), scenario, str(tmp_path),
+         str(REPO / "tests" / "support" / "multirank_pipeline_worker.py"), scenario, str(tmp_path),
          str(tmp_path / "tokenizer.json")],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

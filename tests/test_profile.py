@@ -10,31 +10,25 @@ and gives MFU only with a known peak.
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support.ports import free_port
 
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
-from pretrain.config import load_config
-from pretrain.flops import FlopMeter, model_flops_per_token
-from pretrain.objectives import forward_process, pretrain_loss_from_ce
+from pretrain.diffusion.objectives import forward_process, pretrain_loss_from_ce
 from pretrain.profile import last_perf_record, table
-from pretrain.throughput import PHASES, ProfileConfig, StepProfiler
+from pretrain.runtime.flops import FlopMeter, model_flops_per_token
+from pretrain.runtime.throughput import PHASES, ProfileConfig, StepProfiler
+from pretrain.training.config import load_config
 
 OVERRIDES = ["data.max_bytes=1000000", "data.heldout_fraction=0.2", "data.variable_length_prob=0",
              "data.num_workers=1", "model.n_layers=2", "train.micro_batch_size=8",
              "train.global_batch_size=16", "logging.progress_bar=false", "fast.fused_adamw=true"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,24 +26,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.ports import free_port
 
-from pretrain import checkpoint as ckpt
-from pretrain.config import load_config
-from pretrain.hf_format import expected_tensors
-from pretrain.safetensors_stream import read_header
-from pretrain.train import run
+from pretrain.checkpoint import store as ckpt
+from pretrain.checkpoint import weights
+from pretrain.checkpoint.hf_format import expected_tensors
+from pretrain.checkpoint.safetensors_stream import read_header
+from pretrain.training.config import load_config
+from pretrain.training.loop import run
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["train.micro_batch_size=4", "train.global_batch_size=8", "model.n_layers=2",
         "validation.every=0", "validation.elbo_every=0", "logging.every=1",
         "logging.progress_bar=false", "data.num_workers=1", "data.variable_length_prob=0.05", "checkpoint.every=3",
         "checkpoint.keep_last=0", "sample.gen_length=4", "sample.steps=4", "sample.block_length=4"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(ranks: int, *args: str) -> list[str]:
@@ -245,9 +240,9 @@ def test_lr_override_and_new_layout_on_resume(tmp_path, subprocess_env, data_arg
             "'data_parallel': 1, 'fused_projections': True}: loaded the weights only; the optimizer "
             "state was dropped") in proc.stdout
     # the fused run read the unfused checkpoint and writes the released layout itself
-    newest = ckpt.weights_checkpoint(out / "checkpoints")
+    newest = weights.weights_checkpoint(out / "checkpoints")
     assert newest.name == ckpt.tag_of(8)
-    assert sorted(read_header(newest / "model.safetensors")) == sorted(expected_tensors(ckpt.read_model_config(newest)))
+    assert sorted(read_header(newest / "model.safetensors")) == sorted(expected_tensors(weights.read_model_config(newest)))
     lr = {r["step"]: r["lr"] for r in step_records(out) if "lr" in r}
     reference = {r["step"]: r["lr"] for r in step_records(reference_2ranks) if "lr" in r}
     assert lr[7] == pytest.approx(0.5 * reference[7]) and lr[8] == pytest.approx(0.5 * reference[8])

@@ -17,12 +17,12 @@
 
 import pytest
 import torch
+from support.fast_dllm_reference import fast_dllm_threshold_generate
+from support.official_reverse_process import official_generate
 
-from fast_dllm_reference import fast_dllm_threshold_generate
-from official_reverse_process import official_generate
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
-from pretrain.sampling import SamplerConfig, generate, left_pad, transfer_counts
+from pretrain.diffusion.sampling import SamplerConfig, generate, left_pad, transfer_counts
 
 V, MASK, EOS, EOT = 12, 0, 1, 2
 _gen = torch.Generator().manual_seed(20260)

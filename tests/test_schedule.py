@@ -10,7 +10,7 @@ the last 0.3T; SFT: warm-up over 50 iterations to 2.5e-5, hold, linear to 2.5e-6
 
 import pytest
 
-from pretrain.schedule import ScheduleConfig, lr_at
+from pretrain.training.schedule import ScheduleConfig, lr_at
 
 T = 1e12  # tokens
 

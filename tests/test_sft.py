@@ -10,10 +10,20 @@ import pytest
 import torch
 
 from data_pipeline.corpus import stdlib_root
-from data_pipeline.sft import (ChatTemplate, SFTBatches, SFTCounts, SFTPair, SFTStream, choose_pairs, collate_sft,
-                               fit_to_length, load_sft_pairs, read_dialogues)
+from data_pipeline.sft import (
+    ChatTemplate,
+    SFTBatches,
+    SFTCounts,
+    SFTPair,
+    SFTStream,
+    choose_pairs,
+    collate_sft,
+    fit_to_length,
+    load_sft_pairs,
+    read_dialogues,
+)
 from data_pipeline.tokenizer import train_bpe
-from pretrain.objectives import sft_loss, sft_noise
+from pretrain.diffusion.objectives import sft_loss, sft_noise
 
 VOCAB = 512
 # abc.py is small and its BPE merges a lone "\n\n" into one token, so the tests can tell

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -24,28 +23,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.ports import free_port
+from support.tiny_checkpoints import write_checkpoint
 
 from data_pipeline.sft import ChatTemplate, collate_sft, load_sft_pairs
 from data_pipeline.tokenizer import train_bpe
 from parallel.model import LLaDAModel
 from parallel.model_config import preset
-from pretrain.config import load_config
+from pretrain.diffusion.objectives import sft_loss
+from pretrain.diffusion.sampling import SamplerConfig, generate
 from pretrain.export_hf import export
-from pretrain.inference import load_model
-from pretrain.objectives import sft_loss
-from pretrain.sampling import SamplerConfig, generate
-from pretrain.step_loss import draw_noise, micro_batch_loss
-from tiny_checkpoints import write_checkpoint
+from pretrain.inference.loading import load_model
+from pretrain.training.config import load_config
+from pretrain.training.step_loss import draw_noise, micro_batch_loss
 
 REPO = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefgh"
 GEN = ["--gen-length", "16", "--steps", "16", "--block-length", "16"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def repeat_turn(triple: str) -> list[dict]:

@@ -6,8 +6,16 @@ import pytest
 import webdataset as wds
 
 from data_pipeline.heldout import heldout_batches
-from data_pipeline.shards import (Manifest, ShardError, check_tokenizer, read_manifest, read_shard,
-                                  shard_name, write_manifest, write_shard)
+from data_pipeline.shards import (
+    Manifest,
+    ShardError,
+    check_tokenizer,
+    read_manifest,
+    read_shard,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 
 SHA = "cd" * 32
 

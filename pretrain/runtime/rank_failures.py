@@ -6,7 +6,7 @@ aborts the process after that timeout. A rank whose collective failed prints one
 itself, its host, the step and phase it was in and the error, and exits with code 6 at once:
 tearing the process group down normally could wait on the dead peer. The launcher then ends
 the node's other ranks (DeepSpeed's launch.py does) and exits with that code; the rank that
-died first is named by its supervisor (`pretrain.rank_supervisor`).
+died first is named by its supervisor (`pretrain.runtime.rank_supervisor`).
 
 With `logging.per_rank_logs`, every rank's stdout and stderr also go, through `tee` processes
 that outlive it, to `<out_dir>/logs/rank_XXXXX.log`, which opens with the rank's identity and

@@ -27,7 +27,7 @@ cached ones. Positions outside the window are not recomputed, so their entries a
 the tokens they attended to change: that is the approximation; refresh with a new cache
 (`use_cache=True`, or `past_key_values=LLaDAKVCache()`) and a whole forward. The cache is not
 transformers' `Cache` class and does not serve `generate()`: sample with the masked diffusion
-sampler (the training stack's `pretrain.sampling`, or Fast-dLLM-style loops).
+sampler (the training stack's `pretrain.diffusion.sampling`, or Fast-dLLM-style loops).
 """
 
 import functools

@@ -1,6 +1,6 @@
 """A run's model, optimizer and DeepSpeed engine, built from its config.
 
-The training loop, inference (`pretrain.inference`), the profiler and the tests build them the
+The training loop, inference (`pretrain.inference.loading`), the profiler and the tests build them the
 same way: megatron-core shards when `parallel.tensor_parallel` > 1, DeepSpeed pipeline stages
 when `parallel.pipeline_parallel` > 1, `zero.Init` partitions under ZeRO-3, weights drawn from
 the model's own seeded generator or loaded whole before the engine exists, the fast path's
@@ -15,9 +15,9 @@ import torch
 
 from parallel import engine as ds
 from parallel.model import LLaDAModel, no_weight_decay
-from pretrain.checkpoint import load_weights_only, read_model_config
-from pretrain.config import ConfigError, RunConfig
-from pretrain.step_loss import pipeline_loss
+from pretrain.checkpoint.weights import load_weights_only, read_model_config
+from pretrain.training.config import ConfigError, RunConfig
+from pretrain.training.step_loss import pipeline_loss
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

@@ -34,12 +34,12 @@ from parallel import engine as ds
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from parallel.topology import coordinates
-from pretrain.checkpoint import load_full_state, save_checkpoint
-from pretrain.config import RunConfig
-from pretrain.layout import engine_config, resolve_layout
-from pretrain.objectives import pretrain_loss_from_ce
-from pretrain.engine_setup import build_engine, build_model, build_optimizer
-from pretrain.step_loss import draw_noise, pipeline_loss, pipeline_step
+from pretrain.checkpoint.store import load_full_state, save_checkpoint
+from pretrain.diffusion.objectives import pretrain_loss_from_ce
+from pretrain.training.config import RunConfig
+from pretrain.training.engine_setup import build_engine, build_model, build_optimizer
+from pretrain.training.layout import engine_config, resolve_layout
+from pretrain.training.step_loss import draw_noise, pipeline_loss, pipeline_step
 
 CFG = ModelConfig(d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
                   vocab_size=320, max_sequence_length=32)

@@ -11,7 +11,7 @@ plus the settings of its type (every one optional):
     multiple_choice  rows {"context": str, "choices": [str, ...], "answer": int}
         mc_num (128), batch_size (min(16, mc_num); must divide mc_num), cfg_scale (0.0)
     generation       rows {"prompt": str, "answer": str}
-        the sampler's fields (`pretrain.sampling.SamplerConfig`: steps, gen_length, block_length,
+        the sampler's fields (`pretrain.diffusion.sampling.SamplerConfig`: steps, gen_length, block_length,
         temperature, cfg_scale, remasking, logits_eos_inf, confidence_eos_eot, stop_at_eos,
         threshold, cache, cache_refresh_every),
         chat (false), stop ([]), extract (null | "number" | a regex with a group), batch_size (8)
@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from pretrain.sampling import CACHE_MODES, CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig
+from pretrain.diffusion.sampling import CACHE_MODES, CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig
 
 TASK_TYPES = ("multiple_choice", "generation")
 COMMON_FIELDS = ("name", "type", "path")

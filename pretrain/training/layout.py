@@ -17,7 +17,7 @@ from parallel.engine import use_bf16
 from parallel.engine_config import deepspeed_config
 from parallel.memory_plan import GiB, MemoryEstimate, estimate_stages
 from parallel.topology import describe_stages
-from pretrain.config import ConfigError, RunConfig
+from pretrain.training.config import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)

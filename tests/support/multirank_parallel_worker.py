@@ -34,12 +34,12 @@ from parallel.engine_config import ParallelConfig, deepspeed_config
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from parallel.tensor_parallel import MegatronMpu, TensorParallelLayers, initialize_groups
-from pretrain.checkpoint import load_weights
-from pretrain.config import RunConfig
-from pretrain.safetensors_stream import read_header
-from pretrain.objectives import pretrain_loss_from_ce
-from pretrain.engine_setup import build_optimizer
-from pretrain.step_loss import draw_noise, micro_batch_loss
+from pretrain.checkpoint.safetensors_stream import read_header
+from pretrain.checkpoint.weights import load_weights
+from pretrain.diffusion.objectives import pretrain_loss_from_ce
+from pretrain.training.config import RunConfig
+from pretrain.training.engine_setup import build_optimizer
+from pretrain.training.step_loss import draw_noise, micro_batch_loss
 
 CFG = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
                   vocab_size=128, max_sequence_length=32)

@@ -22,9 +22,15 @@ import torch
 
 from data_pipeline.eval_sampler import shard_examples
 from data_pipeline.seeding import keyed_generator
-from pretrain.likelihood import sequence_nll_bound
-from pretrain.objectives import (ar_loss_from_ce, draw_mask, forward_process, next_token_targets,
-                                 p_mask_of, pretrain_loss_from_ce)
+from pretrain.diffusion.likelihood import sequence_nll_bound
+from pretrain.diffusion.objectives import (
+    ar_loss_from_ce,
+    draw_mask,
+    forward_process,
+    next_token_targets,
+    p_mask_of,
+    pretrain_loss_from_ce,
+)
 
 # (input ids, targets, loss mask) -> per-token fp32 cross-entropy: the training model's loss path.
 TokenCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

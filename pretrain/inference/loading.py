@@ -25,7 +25,7 @@ from parallel import engine as ds
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from parallel.topology import coordinates
-from pretrain.checkpoint import load_weights, weights_source
+from pretrain.checkpoint.weights import load_weights, weights_source
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -91,9 +91,9 @@ def load_model(directory: str | os.PathLike, *, dtype: str = "auto", tensor_para
 
 def _load_sharded(model_config, entries, where, tokenizer, precision, tensor_parallel, zero_stage,
                   attention_backend, fuse_projections, world) -> InferenceModel:
-    from pretrain.config import RunConfig
-    from pretrain.layout import engine_config, resolve_layout
-    from pretrain.engine_setup import build_model
+    from pretrain.training.config import RunConfig
+    from pretrain.training.engine_setup import build_model
+    from pretrain.training.layout import engine_config, resolve_layout
 
     cfg = RunConfig()
     cfg.model = model_config

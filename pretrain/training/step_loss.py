@@ -11,10 +11,19 @@ from __future__ import annotations
 import torch
 
 from data_pipeline.seeding import keyed_generator
-from pretrain.config import RunConfig
-from pretrain.objectives import (NoisedBatch, ar_loss_from_ce, draw_mask, draw_t, forward_process,
-                                 next_token_targets, p_mask_of, pretrain_loss_from_ce, sft_loss_from_ce,
-                                 sft_noise)
+from pretrain.diffusion.objectives import (
+    NoisedBatch,
+    ar_loss_from_ce,
+    draw_mask,
+    draw_t,
+    forward_process,
+    next_token_targets,
+    p_mask_of,
+    pretrain_loss_from_ce,
+    sft_loss_from_ce,
+    sft_noise,
+)
+from pretrain.training.config import RunConfig
 
 
 def draw_noise(batch: torch.Tensor, mask_id: int, seed: int, step: int, first_row: int,

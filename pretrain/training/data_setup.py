@@ -22,10 +22,8 @@ from data_pipeline.prepare import expand_inputs, prepare
 from data_pipeline.sft import SFTBatches, SFTStream, choose_pairs, fit_to_length, load_sft_pairs
 from data_pipeline.shards import file_sha256
 from data_pipeline.streaming import SourceSpec, TokenBatchLoader
-from data_pipeline.tokenizer import (TokenizerInfo, check_fits_model, load_tokenizer, padded_vocab_size,
-                                     train_bpe)
-from pretrain.config import RunConfig
-
+from data_pipeline.tokenizer import TokenizerInfo, check_fits_model, load_tokenizer, padded_vocab_size, train_bpe
+from pretrain.training.config import RunConfig
 
 # Small shards for a few-MB corpus, so shard shuffling and the worker split have units to work on.
 DEMO_TOKENS_PER_SHARD = 1 << 18

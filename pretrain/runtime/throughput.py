@@ -4,7 +4,7 @@ The training loop hands each step's phases to a `StepProfiler`: data wait (`next
 forward, backward, optimizer (`engine.step`) and communication (the step-metrics all-reduce).
 Every `logging.every` steps it logs, for the steps since the last report (the first
 `profile.warmup_steps` of a run left out: compilation, allocator warm-up): tokens/s per device,
-model and executed TFLOP/s per device and MFU (`pretrain.flops` has the convention), peak memory
+model and executed TFLOP/s per device and MFU (`pretrain.runtime.flops` has the convention), peak memory
 (CUDA's allocator peak on GPU, the process's peak resident memory on CPU) and the time split in
 ms per step. With `parallel.deepspeed: {comms_logger: {enabled: true, prof_all: true}}` it also
 reports the time inside DeepSpeed's own collectives (ZeRO's gathers and reductions, which run
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from parallel.engine import all_reduce
-from pretrain.flops import Flops, FlopMeter, device_name, mfu, peak_tflops
+from pretrain.runtime.flops import FlopMeter, Flops, device_name, mfu, peak_tflops
 
 # "pipeline": forward, backward and optimizer interleaved by the PipelineEngine (pipeline runs only)
 PHASES = ("data", "forward", "backward", "optimizer", "pipeline", "communication")
@@ -50,8 +50,8 @@ class FastConfig:
 
 @dataclasses.dataclass
 class ProfileConfig:
-    """What every run measures of its own speed (pretrain/throughput.py)."""
-    # Dense bf16 TFLOP/s of one device, for MFU; 0 looks the device up in pretrain.flops
+    """What every run measures of its own speed (pretrain/runtime/throughput.py)."""
+    # Dense bf16 TFLOP/s of one device, for MFU; 0 looks the device up in pretrain.runtime.flops
     # (H100, H800, H200, A100); on any other device MFU is reported as unknown.
     peak_tflops: float = 0.0
     # Steps at the start of a run left out of the throughput figures.

@@ -27,13 +27,14 @@ import torch.distributed as dist
 from parallel import engine as ds
 from parallel.model_config import ModelConfig
 from parallel.topology import coordinates
-from pretrain.checkpoint import load_weights_only, save_checkpoint
-from pretrain.config import RunConfig
+from pretrain.checkpoint.store import save_checkpoint
+from pretrain.checkpoint.weights import load_weights_only
 from pretrain.export_hf import export
 from pretrain.import_hf import import_release
-from pretrain.layout import engine_config, resolve_layout
-from pretrain.engine_setup import build_engine, init_from_weights
-from pretrain.step_loss import micro_batch_loss
+from pretrain.training.config import RunConfig
+from pretrain.training.engine_setup import build_engine, init_from_weights
+from pretrain.training.layout import engine_config, resolve_layout
+from pretrain.training.step_loss import micro_batch_loss
 
 MODEL = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
                     vocab_size=320, max_sequence_length=64)

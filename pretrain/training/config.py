@@ -22,9 +22,9 @@ from parallel.attention import ATTENTION_BACKENDS
 from parallel.engine_config import ParallelConfig
 from parallel.memory_plan import CHECKPOINTING
 from parallel.model_config import ModelConfig, preset
-from pretrain.guard_rails import GuardConfig
-from pretrain.schedule import ScheduleConfig
-from pretrain.throughput import FastConfig, ProfileConfig
+from pretrain.runtime.guard_rails import GuardConfig
+from pretrain.runtime.throughput import FastConfig, ProfileConfig
+from pretrain.training.schedule import ScheduleConfig
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,4 @@
+"""Model state on disk: training checkpoints that are complete or absent (`store`), whole
+weights under the released names loaded into any layout (`weights`), the released Hugging Face
+format (`hf_format`, `hf_modeling/`), and streamed safetensors I/O. Used by training, inference
+and the export/import commands."""

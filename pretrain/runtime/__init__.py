@@ -1,0 +1,3 @@
+"""What runs beside the training loop: guard rails and the hang watchdog, rank failures and the
+rank supervisor, preemption, stragglers, throughput and FLOPs, metrics. Imports nothing here:
+the rank supervisor must start before torch loads."""
