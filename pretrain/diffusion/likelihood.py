@@ -28,12 +28,10 @@ with uneven example counts per rank pad with dummy examples (data_pipeline/eval_
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+from pretrain.diffusion.model_fn import LogitsFn, TokenCrossEntropy
 
 
 def stratified_mask_counts(answer_length: int, batch_size: int,
@@ -105,11 +103,6 @@ def conditional_log_likelihood(model_fn: LogitsFn, prompt: torch.Tensor, answer:
         weights = p_mask[:, None].expand_as(masked)[masked]
         total += (ce / weights).sum() / batch_size
     return -total.item() / n_batches
-
-
-# (noisy ids, targets, loss mask) -> per-token fp32 cross-entropy [b, s]: the training model's
-# loss path (chunked and vocabulary-parallel), which never materialises whole-vocabulary logits.
-TokenCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()

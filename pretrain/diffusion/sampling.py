@@ -67,8 +67,8 @@ import torch
 import torch.nn.functional as F
 
 from parallel.attention import KVCache
+from pretrain.diffusion.model_fn import LogitsFn
 
-LogitsFn = Callable[..., torch.Tensor]
 REMASKING = ("low_confidence", "random")
 CONFIDENCE_EOS_EOT = ("off", "official", "both")
 CACHE_MODES = ("none", "prefix", "dual")

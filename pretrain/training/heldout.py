@@ -16,13 +16,12 @@ depend on the layout, and every rank runs the same number of forwards.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from data_pipeline.eval_sampler import shard_examples
 from data_pipeline.seeding import keyed_generator
 from pretrain.diffusion.likelihood import sequence_nll_bound
+from pretrain.diffusion.model_fn import TokenCrossEntropy
 from pretrain.diffusion.objectives import (
     ar_loss_from_ce,
     draw_mask,
@@ -31,9 +30,6 @@ from pretrain.diffusion.objectives import (
     p_mask_of,
     pretrain_loss_from_ce,
 )
-
-# (input ids, targets, loss mask) -> per-token fp32 cross-entropy: the training model's loss path.
-TokenCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def t_grid(buckets: int) -> list[float]:
