@@ -55,7 +55,7 @@ def timed_stream(data_dir: Path, tokenizer, num_workers: int) -> dict:
                               vocab_size=tokenizer.vocab_size, tokenizer_sha256=tokenizer.sha256)
     next(loader)  # start-up: worker processes, first shard decoded
     start = time.perf_counter()
-    tokens = sum(next(loader).tokens.numel() for _ in range(STREAM_BATCHES))
+    tokens = sum(next(loader).input_ids.numel() for _ in range(STREAM_BATCHES))
     seconds = time.perf_counter() - start
     loader.close()
     return {"workers": num_workers, "tokens": tokens, "seconds": seconds}

@@ -75,7 +75,7 @@ def check_engine_steps() -> None:
     from pretrain.training.config import load_config
     from pretrain.training.engine_setup import build_engine
     from pretrain.training.layout import engine_config, resolve_layout
-    from pretrain.training.step_loss import micro_batch_loss
+    from pretrain.training.objective import objective_for
 
     ds.init_distributed()
     for stage in (1, 3):
@@ -87,7 +87,7 @@ def check_engine_steps() -> None:
                                      "fast.fuse_projections=true"])
             engine = build_engine(cfg, engine_config(cfg, resolve_layout(cfg, 1)))
             ids = torch.randint(0, cfg.model.vocab_size - 1, (2, 256), device="cuda")
-            loss = micro_batch_loss(engine, cfg, ids, cfg.model.vocab_size - 1, 0, 0)
+            loss = objective_for(cfg).micro_batch_loss(engine, ids, cfg.model.vocab_size - 1, 0, 0)
             engine.backward(loss)
             engine.step()
             norm = float(engine.get_global_grad_norm())
@@ -145,7 +145,8 @@ def check_switches() -> None:
         check(f"{mode} checkpointing = none")(
             lambda m=mode: compare(base, loss_and_grads(config, activation_checkpointing=m)))
     check("chunked head (64) = whole")(lambda: compare(base, loss_and_grads(config, loss_chunk_tokens=64)))
-    check("negative control: other weights differ")(lambda: _must_fail(lambda: compare(base, loss_and_grads(config, seed=1))))
+    check("negative control: other weights differ")(
+        lambda: _must_fail(lambda: compare(base, loss_and_grads(config, seed=1))))
 
     @check("fused AdamW = per-tensor loop (fp32, one step)")
     def _():

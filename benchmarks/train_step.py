@@ -121,10 +121,10 @@ def _sync(device: torch.device) -> None:
 def run_stack(config: ModelConfig, args) -> tuple[float, Flops]:
     """(seconds for the timed steps, their FLOPs) through the training loop's own pieces."""
     from parallel import engine as ds
-    from pretrain.training.config import RunConfig, validate
+    from pretrain.training.config import RunConfig, config_problems
     from pretrain.training.engine_setup import build_engine
     from pretrain.training.layout import engine_config, resolve_layout
-    from pretrain.training.step_loss import micro_batch_loss
+    from pretrain.training.objective import objective_for
 
     cfg = RunConfig(model=config)
     cfg.data.seq_len = args.seq_len
@@ -136,7 +136,7 @@ def run_stack(config: ModelConfig, args) -> tuple[float, Flops]:
     cfg.fast.compile_pointwise = args.compile_pointwise
     cfg.fast.fused_adamw = args.fused_adamw
     cfg.fast.fuse_projections = args.fuse_projections
-    problems = validate(cfg, check_paths=False)
+    problems = config_problems(cfg, check_paths=False)
     if problems:
         raise SystemExit("stack config: " + "; ".join(problems))
     ds.init_distributed()
@@ -146,8 +146,10 @@ def run_stack(config: ModelConfig, args) -> tuple[float, Flops]:
     device = next(engine.module.parameters()).device
     mask_id = config.vocab_size - 1
 
+    objective = objective_for(cfg)
+
     def step(i: int) -> None:
-        loss = micro_batch_loss(engine, cfg, _batch(config, args, i, device), mask_id, i, 0)
+        loss = objective.micro_batch_loss(engine, _batch(config, args, i, device), mask_id, i, 0)
         engine.backward(loss)
         engine.step()
 

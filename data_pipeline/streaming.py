@@ -97,7 +97,7 @@ class TokenBatch:
     decoded to reach its starting position (at most one shard per source).
     """
 
-    tokens: torch.Tensor
+    input_ids: torch.Tensor  # [batch_size, length] int64, as `data_pipeline.sft.SFTBatch.input_ids`
     source_tokens: dict[str, int]
     worker: int
     batch_index: int
@@ -178,7 +178,7 @@ class WorkerStream:
         source_tokens = {source.name: 0 for source in self.sources}
         for source_index in row_sources:
             source_tokens[self.sources[source_index].name] += tokens.shape[1]
-        batch = {"tokens": tokens, "source_tokens": source_tokens, "worker": self.worker,
+        batch = {"input_ids": tokens, "source_tokens": source_tokens, "worker": self.worker,
                  "batch_index": self.batch_index, "shortened": tokens.shape[1] < config.seq_len}
         self.batch_index += 1
         batch.update(state=self.state(), decoded_samples=self.decoded_samples,
@@ -264,7 +264,7 @@ class TokenBatchLoader:
         self._next_worker = (worker + 1) % self.config.workers
         for name, count in item["source_tokens"].items():
             self._consumed_tokens[name] += count
-        return TokenBatch(tokens=item["tokens"], source_tokens=item["source_tokens"], worker=worker,
+        return TokenBatch(input_ids=item["input_ids"], source_tokens=item["source_tokens"], worker=worker,
                           batch_index=item["batch_index"], shortened=item["shortened"],
                           decoded_samples=item["decoded_samples"],
                           restore_decoded_samples=item["restore_decoded_samples"])

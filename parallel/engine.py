@@ -63,16 +63,28 @@ def init_distributed(rendezvous_timeout_s: float = 300.0, collective_timeout_s: 
     if not torch.distributed.is_initialized():
         check_master_reachable(rendezvous_timeout_s)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(rank_device())
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    timeout=timedelta(seconds=collective_timeout_s))
 
 
+def rank() -> int:
+    """This process's global rank (0 in a process that joined no process group)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks in the process group (1 in a process that joined none)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def rank_device() -> torch.device:
-    """This rank's device: the GPU `init_distributed` bound it to, else the CPU. NCCL reduces
-    tensors on it only."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """This rank's device: its node-local GPU (LOCAL_RANK; `init_distributed` binds the process to
+    it), else the CPU. NCCL reduces tensors on it only."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def all_reduce(values: list[float], op=torch.distributed.ReduceOp.SUM) -> list[float]:
@@ -136,11 +148,11 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     None on other ranks. A collective: every rank calls it.
     """
     deepspeed = import_deepspeed()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    first = rank() == 0
     out = {}
     for p in module.whole_model_parameters():
         with deepspeed.zero.GatheredParameters([p.param], modifier_rank=None):
             for released, tensor in whole_released_tensors(p):
-                if rank == 0:
+                if first:
                     out[released] = tensor.cpu().clone()
-    return out if rank == 0 else None
+    return out if first else None

@@ -48,6 +48,33 @@ class ParallelConfig:
     # Extra DeepSpeed config keys merged over the generated ones (nested mappings merge).
     deepspeed: dict = field(default_factory=dict)
 
+    def problems(self) -> list[str]:
+        """One 'parallel.<field>: ...' line per invalid value or combination of this section's
+        values (the model's split over tensor_parallel is checked with the run's config)."""
+        out = []
+        if self.zero_stage not in (0, 1, 2, 3):
+            out.append(f"parallel.zero_stage: {self.zero_stage} is not 0, 1, 2 or 3")
+        if self.communication_dtype not in ("fp32", "bf16"):
+            out.append(f"parallel.communication_dtype: {self.communication_dtype!r} is not fp32 or bf16")
+        for name in ("reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters",
+                     "hpz_partition_size", "collective_timeout_s"):
+            if getattr(self, name) <= 0:
+                out.append(f"parallel.{name}: must be positive, got {getattr(self, name)}")
+        if self.param_persistence_threshold < 0 or self.rendezvous_timeout_s <= 0:
+            out.append("parallel.param_persistence_threshold must be >= 0 and "
+                       "parallel.rendezvous_timeout_s > 0")
+        pp = self.pipeline_parallel
+        if pp < 1:
+            out.append(f"parallel.pipeline_parallel: must be >= 1, got {pp}")
+        elif pp > 1 and self.zero_stage > 1:
+            out.append(f"parallel.zero_stage: {self.zero_stage} with parallel.pipeline_parallel {pp}; "
+                       f"DeepSpeed's PipelineEngine accepts ZeRO stage 0 or 1 only: set "
+                       f"parallel.zero_stage: 1 (the optimizer states stay partitioned over the "
+                       f"data-parallel ranks)")
+        if self.tensor_parallel < 1:
+            out.append(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
+        return out
+
 
 def merged(base: dict, extra: dict) -> dict:
     """`base` with `extra` merged in: nested mappings merge key by key, other values replace."""

@@ -254,13 +254,14 @@ class LLaDAModel(nn.Module):
 
     init_seed: weights drawn from a generator with this seed (the same weights at every
     tensor-parallel size); None leaves them to be loaded. After a forward with targets,
-    `max_logit` holds the largest logit scored (this rank's vocabulary shard under TP). activation_checkpointing: "none",
-    "full" (keep only each block's input) or "selective" (keep matmul and attention outputs,
-    recompute norms, RoPE and activations). loss_chunk_tokens: positions per head chunk
-    (0: all at once). pointwise: "eager" or "compiled" (`parallel.fused_ops`: RMSNorm, RoPE and
-    SwiGLU each fused by torch.compile with dynamic shapes). fuse_projections: one q/k/v and one
-    gate/up matmul per block (`parallel.fused_projections`; the same weights and the released
-    names in every whole-weights path).
+    `max_logit` holds the largest logit scored (this rank's vocabulary shard under TP).
+    activation_checkpointing: "none", "full" (keep only each block's input) or "selective" (keep
+    matmul and attention outputs, recompute norms, RoPE and activations). loss_chunk_tokens:
+    positions per head chunk (0: all at once). pointwise: "eager" or "compiled"
+    (`parallel.fused_ops`: RMSNorm, RoPE and SwiGLU each fused by torch.compile with dynamic
+    shapes). fuse_projections: one q/k/v and one gate/up matmul per block
+    (`parallel.fused_projections`; the same weights and the released names in every
+    whole-weights path).
     """
 
     def __init__(self, config: ModelConfig, layers: DenseLayers | None = None,

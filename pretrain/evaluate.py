@@ -1,6 +1,6 @@
 """Evaluate a LLaDA model on benchmark files: `python -m pretrain.evaluate --model DIR --tasks TASKS.yaml`.
 
-DIR is a training checkpoint or a released-layout directory (as for `pretrain.generate`); TASKS.yaml
+DIR is a training checkpoint or a released-format directory (as for `pretrain.generate`); TASKS.yaml
 lists multiple-choice and generation tasks over JSONL files (schema and scoring rules:
 `pretrain/evaluation/tasks.py`; an annotated example: `recipes/eval_tasks.yaml`). The task file and every
 data row are validated before the model loads.
@@ -32,8 +32,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from parallel import engine as ds
 from pretrain.evaluation.scoring import format_table, run_task
 from pretrain.evaluation.tasks import TaskFileError, load_tasks, read_examples
@@ -56,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except TaskFileError as error:
         raise SystemExit(f"evaluate: {error}") from None
     model = open_model(args)
-    rank0 = not model.distributed or torch.distributed.get_rank() == 0
+    rank0 = ds.rank() == 0
     results = {}
     for task in tasks:
         try:
@@ -70,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if rank0:
         print(format_table(results), flush=True)
         if args.out:
-            world = torch.distributed.get_world_size() if model.distributed else 1
             report = {"model": str(args.model), "tasks_file": str(args.tasks), "limit": args.limit,
-                      "seed": args.seed, "world_size": world, "dp_size": model.dp_size, "tasks": results}
+                      "seed": args.seed, "world_size": ds.world_size(), "dp_size": model.dp_size, "tasks": results}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if model.distributed:

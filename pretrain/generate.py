@@ -1,7 +1,7 @@
 """Sample from a LLaDA model: `python -m pretrain.generate --model DIR --prompt TEXT [options]`.
 
 DIR is a training checkpoint (a `step_XXXXXXXX` directory or a checkpoints directory) or a
-released-layout directory (GSAI-ML/LLaDA-8B-Base / -Instruct as downloaded, or an export).
+released-format directory (GSAI-ML/LLaDA-8B-Base / -Instruct as downloaded, or an export).
 Prompts come from `--prompt` (repeatable), `--prompts-file` (one per line, or a .jsonl of
 {"prompt": ...}) or `--prompt-ids 1,2,3`; `--chat` wraps each prompt as a user turn of the chat
 template (for Instruct models). Every sampler option is a flag (`pretrain/inference/flags.py`).
@@ -25,8 +25,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import torch
 
 from data_pipeline.sft import ChatTemplate
 from parallel import engine as ds
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print_results(model.tokenizer, prompts, results, args)
         draw_denoising(model.tokenizer, prompts[0], results[0], args)
         return 0
-    if torch.distributed.get_rank() == 0:
+    if ds.rank() == 0:
         print_results(model.tokenizer, prompts, results, args)
         draw_denoising(model.tokenizer, prompts[0], results[0], args)
     ds.exit_together(0)

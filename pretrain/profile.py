@@ -18,8 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from parallel import engine as ds
 from pretrain.runtime.flops import model_flops_per_token
 from pretrain.runtime.throughput import PHASES, peak_memory_gib
 from pretrain.training.config import RunConfig, load_config
@@ -111,10 +110,9 @@ def profile(args: argparse.Namespace) -> int:
     """Run the profile and print its table (rank 0)."""
     cfg = load_config(args.config, profile_overrides(args))
     run(cfg)
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if ds.rank() == 0:
         out_dir = Path(cfg.train.out_dir)
-        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        print(table(cfg, last_perf_record(out_dir), world_size, out_dir / "profile"), flush=True)
+        print(table(cfg, last_perf_record(out_dir), ds.world_size(), out_dir / "profile"), flush=True)
     return 0
 
 

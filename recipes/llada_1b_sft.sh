@@ -1,5 +1,5 @@
 """:"
-# LLaDA 1B supervised fine-tuning (recipes/llada_1b_sft.yaml): import a released-layout base model,
+# LLaDA 1B supervised fine-tuning (recipes/llada_1b_sft.yaml): import a released-format base model,
 # fine-tune it on JSONL conversations, export the result (recipes/sft_pipeline.sh):
 #   [HOSTFILE=H] bash recipes/llada_1b_sft.sh --base DIR --data TRAIN.jsonl [--heldout HELDOUT.jsonl] \
 #       --out RUN_DIR [section.field=value ...]

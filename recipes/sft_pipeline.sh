@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Supervised fine-tuning from a released-layout base model to a released-layout chat model, in
+# Supervised fine-tuning from a released-format base model to a released-format chat model, in
 # three resumable steps; the SFT recipes (llada_8b_sft.sh, llada_1b_sft.sh, tiny_sft.sh) run it:
 #
 #   bash recipes/llada_8b_sft.sh --base DIR --data TRAIN.jsonl [--heldout HELDOUT.jsonl] \
@@ -10,7 +10,7 @@
 # 2. train: the deepspeed launcher runs the recipe's Python part (Algorithm 2 on the
 #    conversations, `train.init_from` RUN_DIR/base) with `--resume auto`, so running the same
 #    command again after a preemption continues from the newest checkpoint;
-# 3. export: the final checkpoint to RUN_DIR/hf in the released layout (skipped while the run
+# 3. export: the final checkpoint to RUN_DIR/hf in the released format (skipped while the run
 #    is unfinished, and once RUN_DIR/hf exists).
 #
 # With --dry-run (and --world-size N) it only prints the layout, the memory plan and the

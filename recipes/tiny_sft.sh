@@ -1,6 +1,6 @@
 """:"
 # Supervised fine-tuning of the demo model's shape on CPU (recipes/tiny_sft.yaml): import a
-# released-layout base model (e.g. an export of the demo run), fine-tune it on JSONL conversations, export the result (recipes/sft_pipeline.sh):
+# released-format base model (e.g. an export of the demo run), fine-tune it on JSONL conversations, export the result (recipes/sft_pipeline.sh):
 #   [HOSTFILE=H] bash recipes/tiny_sft.sh --base DIR --data TRAIN.jsonl [--heldout HELDOUT.jsonl] \
 #       --out RUN_DIR [section.field=value ...]
 # This file is both a bash script and a Python script: the deepspeed launcher runs the Python part

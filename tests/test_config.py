@@ -2,7 +2,8 @@
 
 Covers YAML + override loading, the presets, and the validation the training CLI relies on
 (an unknown key, heads not dividing d_model, a negative step count, a missing file), both as
-`ConfigError` messages and as the CLI's non-zero exit.
+`ConfigError` messages and as the CLI's non-zero exit. Every section checks itself (`problems()`,
+reached by `load_config`); the sample section is the sampler's settings and checks.
 """
 
 import subprocess
@@ -10,7 +11,9 @@ import sys
 
 import pytest
 
-from pretrain.training.config import ConfigError, load_config
+from parallel.engine_config import ParallelConfig
+from pretrain.diffusion.sampling import SamplerConfig
+from pretrain.training.config import ConfigError, DataConfig, SampleConfig, TrainConfig, load_config
 from pretrain.training.entry import main
 
 TINY = "recipes/tiny.yaml"
@@ -50,6 +53,60 @@ def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, [override])
     assert str(err.value).startswith(field)
+
+
+# One bad value per section, and the start of the line its own `problems()` gives.
+SECTION_PROBLEMS = [
+    ("model.n_heads=3", "model.n_heads: 3 does not divide model.d_model"),
+    ("data.max_bytes=0", "data.max_bytes: must be positive, got 0"),
+    ("optim.eps=0", "optim.grad_clip / optim.weight_decay must be >= 0 and optim.eps > 0"),
+    ("schedule.lr_scale=0", "schedule.lr_scale: must be positive, got 0"),
+    ("train.precision=fp16", "train.precision: 'fp16' is not auto, fp32 or bf16"),
+    ("parallel.zero_stage=4", "parallel.zero_stage: 4 is not 0, 1, 2 or 3"),
+    ("memory.gpu_memory_gib=0", "memory.gpu_memory_gib: must be positive"),
+    ("validation.t_buckets=0", "validation.t_buckets: must be positive"),
+    ("checkpoint.every=-1", "checkpoint.every: must be >= 0"),
+    ("guard.spike_window=0", "guard.spike_window: must be >= 1, got 0"),
+    ("logging.every=0", "logging.every: must be positive"),
+    ("sample.temperature=-1", "sample.temperature"),
+    ("profile.trace_steps=-1", "profile.trace_steps: must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("override, line", SECTION_PROBLEMS)
+def test_every_section_checks_itself_through_load_config(override, line):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert [problem for problem in str(err.value).splitlines() if problem.startswith(line)], str(err.value)
+
+
+def test_all_sections_are_checked_in_one_pass():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override for override, _ in SECTION_PROBLEMS])
+    problems = str(err.value).splitlines()
+    for _, line in SECTION_PROBLEMS:
+        assert sum(problem.startswith(line) for problem in problems) == 1, (line, problems)
+
+
+def test_sections_check_themselves_without_the_run():
+    assert DataConfig(paths=["/no/such/file.txt"]).problems(check_paths=False) == []
+    assert DataConfig(paths=["/no/such/file.txt"]).problems() == [
+        "data.paths: no such file or directory '/no/such/file.txt'"]
+    assert TrainConfig(init_from="/no/such/dir").problems(check_paths=False) == []
+    assert "set parallel.zero_stage: 1" in ParallelConfig(pipeline_parallel=2).problems()[0]
+    assert ParallelConfig(tensor_parallel=3).problems() == []  # the model's split is the run's check
+
+
+def test_the_sample_section_is_the_sampler_s_settings():
+    cfg = load_config(TINY, ["sample.gen_length=32", "sample.steps=16", "sample.block_length=8"])
+    sampler = cfg.sample.sampler()
+    assert isinstance(sampler, SamplerConfig)
+    assert (sampler.gen_length, sampler.steps, sampler.block_length, sampler.temperature) == (32, 16, 8, 1.0)
+    assert sampler.problems() == []
+    assert cfg.sample.problems() == []
+    bad = SampleConfig(gen_length=8, block_length=4, steps=3)
+    assert bad.problems() == [f"sample.{line}" for line in bad.sampler().problems()]
+    assert bad.problems()[0].startswith("sample.steps 3 must be a multiple of the number of blocks 2")
 
 
 SFT = ["train.objective=sft", "data.source=sft", "data.paths=[recipes/tiny.yaml]",

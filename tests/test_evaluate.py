@@ -174,7 +174,8 @@ def test_two_ranks_match_one_process(trained, tmp_path, subprocess_env, layout, 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                 "127.0.0.1", "--master_port", str(free_port())]
     proc = subprocess.run([*launcher, "-m", "pretrain.evaluate", *args, *layout,
-                           "--out", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=240, env=subprocess_env)
+                           "--out", str(tmp_path / "two.json")],
+                          capture_output=True, text=True, timeout=240, env=subprocess_env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     one = json.loads((tmp_path / "one.json").read_text())["tasks"]
     report = json.loads((tmp_path / "two.json").read_text())

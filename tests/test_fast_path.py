@@ -239,7 +239,7 @@ def test_fused_model_writes_and_reads_the_released_tensors(tmp_path):
     unfused_whole = full_state_dict(LLaDAModel(CFG, init_seed=0))
     assert all(torch.equal(whole[n], unfused_whole[n]) for n in whole)  # the same draws
 
-    trained = LLaDAModel(CFG, init_seed=1)  # other weights, in the released layout
+    trained = LLaDAModel(CFG, init_seed=1)  # other weights, in the released format
     path = tmp_path / "model.safetensors"
     save_file(full_state_dict(trained), str(path))
     with torch.device("meta"):  # as pretrain.inference.loading builds it: to_empty re-creates every parameter

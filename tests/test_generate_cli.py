@@ -1,7 +1,7 @@
 """`python -m pretrain.generate` and `python -m pretrain.chat` on real checkpoints.
 
 - The same answers (ids, reveal steps) from a training checkpoint and from its export in the
-  released layout, from 2 ranks under ZeRO-3 (the model partitioned, prompts split over
+  released format, from 2 ranks under ZeRO-3 (the model partitioned, prompts split over
   ranks with a dummy, batches that finish at different steps on different ranks: the early
   stop is agreed, nobody hangs) and from 2 tensor-parallel ranks as from one process.
 - Prompt sources (--prompt, --prompts-file, .jsonl, --prompt-ids, --chat) and their errors.
@@ -30,8 +30,8 @@ from support.tiny_checkpoints import eos_ending_checkpoint
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain import chat
 from pretrain import generate as generate_cli
+from pretrain.checkpoint.hf_export import export
 from pretrain.diffusion.sampling import SamplerConfig, generate
-from pretrain.export_hf import export
 from pretrain.inference.denoising_view import DenoisingView, to_html
 from pretrain.inference.loading import load_model
 

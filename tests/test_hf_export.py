@@ -1,4 +1,4 @@
-"""Export to and import from the released LLaDA Hugging Face layout.
+"""Export to and import from the released LLaDA Hugging Face format.
 
 - A model trained single-process, one trained with ZeRO-3 on 2 ranks and one trained with TP=2
   are exported (bf16) and loaded with `AutoModel.from_pretrained(out, trust_remote_code=True)`
@@ -11,7 +11,7 @@
 - export -> import reproduces the training weights exactly (fp32) or their bf16 rounding, and in
   every layout a fresh engine started from the import (`train.init_from`) gives the trained
   engine's logits exactly, also after an optimizer step (control: weights written after the
-  engine exists are reverted by that step); import -> export reproduces a released-layout
+  engine exists are reverted by that step); import -> export reproduces a released-format
   directory bit for bit.
 - Mismatched names and shapes are listed; unsupported architecture fields and occupied output
   directories are refused.
@@ -35,11 +35,11 @@ from support.tiny_checkpoints import stdlib_tokenizer, write_checkpoint
 from data_pipeline.tokenizer import load_tokenizer
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig, preset
+from pretrain.checkpoint.hf_export import export
 from pretrain.checkpoint.hf_format import FormatError, expected_tensors
-from pretrain.export_hf import export
 from pretrain.export_hf import main as export_main
-from pretrain.import_hf import import_release
 from pretrain.import_hf import main as import_main
+from pretrain.training.init_from_release import import_release
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = ("single", "zero3", "tp2")
@@ -228,7 +228,7 @@ def test_export_then_import_reproduces_the_training_weights(trained, tmp_path):
 
 
 def write_released_dir(directory: Path, tokenizer: Path, model: ModelConfig, mutate=None) -> None:
-    """A directory in the released layout, written with the official safetensors writer: random
+    """A directory in the released format, written with the official safetensors writer: random
     bf16 tensors in two files with an index, config.json, tokenizer.json."""
     directory.mkdir(parents=True)
     tok = load_tokenizer(tokenizer)
@@ -316,7 +316,7 @@ def test_import_checks_the_run_config_model_and_layout(work, tmp_path, capsys):
 MEMORY_PROBE = textwrap.dedent('''
     import json, sys
     from parallel.model_config import ModelConfig
-    from pretrain.export_hf import export
+    from pretrain.checkpoint.hf_export import export
     from pretrain.checkpoint.hf_format import expected_tensors
     from safetensors.torch import load_file
 

@@ -4,7 +4,7 @@
   by the request; check_greedy matches the sampler's one-token-per-step greedy answer.
 - generate_until is the sampler on left-padded batches, capped by max_gen_toks in whole blocks and
   cut at the request's stop strings; loglikelihood_rolling refuses with a message.
-- End to end on local task YAMLs (tests/lm_eval_tasks): simple_evaluate in this process, and
+- End to end on local task YAMLs (tests/support/lm_eval_tasks): simple_evaluate in this process, and
   lm-eval's CLI (`python -m pretrain.lm_eval_adapter`) on 2 ZeRO-3 ranks, which get different
   numbers of requests and forwards (nothing hangs) and give the same per-document results.
 """

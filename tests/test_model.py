@@ -4,7 +4,7 @@ The model module is the one piece every other part (training, sampling, export t
 from the released checkpoints) trusts, and its mistakes are silent: an interleaved RoPE, a
 `repeat` instead of `repeat_interleave` for grouped-query heads, RMSNorm's weight applied before
 the cast, a stray causal mask or a wrong init all still train. So this file recomputes the
-forward pass in plain torch from the released layout (reading weights by their checkpoint
+forward pass in plain torch from the released format (reading weights by their checkpoint
 names), pins the RoPE pairing and the bf16 RMSNorm order on inputs that tell the alternatives
 apart, checks the 8B/1B presets against the released tensor list and the paper's parameter
 totals, bidirectionality versus the causal AR baseline, the `mitchell` init, which parameters
@@ -224,10 +224,10 @@ def test_rmsnorm_default_eps_and_fp32_value():
 
 
 # ---------------------------------------------------------------------------------------------
-# The released layout and sizes.
+# The released format and sizes.
 # ---------------------------------------------------------------------------------------------
 def _released_8b_shapes():
-    """LLaDA-8B's checkpoint tensors, from the released layout (d 4096, 32 heads, 32 KV heads,
+    """LLaDA-8B's checkpoint tensors, from the released format (d 4096, 32 heads, 32 KV heads,
     FFN 12288, vocab 126464, 32 blocks, untied head)."""
     D, heads, kv_heads, ffn, vocab, n_blocks = 4096, 32, 32, 12288, 126464, 32
     kv = kv_heads * (D // heads)

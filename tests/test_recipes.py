@@ -42,7 +42,8 @@ def test_sft_recipes_plan_the_papers_sft_batch(recipe, tmp_path, subprocess_env)
     """The SFT recipes' shell half (recipes/sft_pipeline.sh) plans without importing anything:
     global batch 256 of local 2 over 64 GPUs; without --base/--data/--out it prints its usage."""
     conversations = tmp_path / "train.jsonl"
-    conversations.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    conversations.write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                             '{"role": "assistant", "content": "hello"}]}\n')
     script = str(REPO / "recipes" / recipe)
     proc = subprocess.run(["bash", script, "--base", str(tmp_path / "base"), "--data", str(conversations),
                            "--out", str(tmp_path / "run"), "--dry-run", "--world-size", "64"],

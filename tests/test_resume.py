@@ -239,10 +239,11 @@ def test_lr_override_and_new_layout_on_resume(tmp_path, subprocess_env, data_arg
     assert ("layout changed from {'tensor_parallel': 1, 'data_parallel': 2} to {'tensor_parallel': 1, "
             "'data_parallel': 1, 'fused_projections': True}: loaded the weights only; the optimizer "
             "state was dropped") in proc.stdout
-    # the fused run read the unfused checkpoint and writes the released layout itself
+    # the fused run read the unfused checkpoint and writes the released format itself
     newest = weights.weights_checkpoint(out / "checkpoints")
     assert newest.name == ckpt.tag_of(8)
-    assert sorted(read_header(newest / "model.safetensors")) == sorted(expected_tensors(weights.read_model_config(newest)))
+    expected = expected_tensors(weights.read_model_config(newest))
+    assert sorted(read_header(newest / "model.safetensors")) == sorted(expected)
     lr = {r["step"]: r["lr"] for r in step_records(out) if "lr" in r}
     reference = {r["step"]: r["lr"] for r in step_records(reference_2ranks) if "lr" in r}
     assert lr[7] == pytest.approx(0.5 * reference[7]) and lr[8] == pytest.approx(0.5 * reference[8])

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning end to end, as a user runs it: a base model in the released layout ->
+"""Supervised fine-tuning end to end, as a user runs it: a base model in the released format ->
 `bash recipes/tiny_sft.sh` (import, Algorithm 2 on conversations under the deepspeed launcher,
 export) -> the exported chat model answers held-out prompts through `pretrain.generate --chat`
 and `pretrain.chat`, and stops (EoT, then EOS to the end).
@@ -30,12 +30,13 @@ from data_pipeline.sft import ChatTemplate, collate_sft, load_sft_pairs
 from data_pipeline.tokenizer import train_bpe
 from parallel.model import LLaDAModel
 from parallel.model_config import preset
+from pretrain.checkpoint.hf_export import export
 from pretrain.diffusion.objectives import sft_loss
 from pretrain.diffusion.sampling import SamplerConfig, generate
-from pretrain.export_hf import export
 from pretrain.inference.loading import load_model
 from pretrain.training.config import load_config
-from pretrain.training.step_loss import draw_noise, micro_batch_loss
+from pretrain.training.objective import MaskedDiffusion, objective_for
+from pretrain.training.step_loss import draw_noise
 
 REPO = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefgh"
@@ -61,7 +62,7 @@ def write_conversations(root: Path) -> list[str]:
 
 
 def write_base(root: Path) -> Path:
-    """A released-layout base at the demo model's shape (fresh weights, a BPE of the json package)."""
+    """A released-format base at the demo model's shape (fresh weights, a BPE of the json package)."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
     train_bpe(files, 1024, root / "tokenizer.json")
     model = preset("tiny")
@@ -160,8 +161,7 @@ def test_prompt_positions_never_enter_the_objective_and_padding_eos_does(tmp_pat
         output.retain_grad()
         head_input.append(output)
     model.model.transformer.ln_f.register_forward_hook(keep_head_input)
-    loss = micro_batch_loss(model, cfg, batch.input_ids, tok.mask_id, step=7, first_row=0,
-                            prompt_lengths=batch.prompt_lengths)
+    loss = objective_for(cfg).micro_batch_loss(model, batch, tok.mask_id, step=7, first_row=0)
     loss.backward()
     grad = head_input[0].grad.abs().sum(-1)
 
@@ -178,7 +178,8 @@ def test_prompt_positions_never_enter_the_objective_and_padding_eos_does(tmp_pat
     assert not nb.masked[in_prompt].any() and torch.equal(nb.noisy[in_prompt], batch.input_ids[in_prompt])
     # control: the pretraining noise (no prompt lengths) masks prompt tokens, and they get gradient
     head_input.clear()
-    micro_batch_loss(model, cfg, batch.input_ids, tok.mask_id, step=7, first_row=0).backward()
+    pretraining = MaskedDiffusion(cfg.train.seed)
+    pretraining.micro_batch_loss(model, batch.input_ids, tok.mask_id, step=7, first_row=0).backward()
     unprotected = draw_noise(batch.input_ids, tok.mask_id, cfg.train.seed, 7, 0)
     assert unprotected.masked[in_prompt].any()
     assert (head_input[0].grad.abs().sum(-1)[in_prompt & unprotected.masked] > 0).all()

@@ -58,7 +58,7 @@ def take(loader, steps):
 
 
 def flat(batches):
-    return np.concatenate([b.tokens.flatten().numpy() for b in batches])
+    return np.concatenate([b.input_ids.flatten().numpy() for b in batches])
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_epoch_zero_is_spread_over_ranks_and_workers_exactly_once(tmp_path, layo
         for worker in range(workers):
             for lane in range(lanes):
                 expected = epoch_zero[(worker * dp_size + rank) * lanes + lane]
-                stream = np.concatenate([b.tokens[lane].numpy() for b in batches if b.worker == worker])
+                stream = np.concatenate([b.input_ids[lane].numpy() for b in batches if b.worker == worker])
                 assert len(stream) > len(expected)
                 prefixes.append(stream[:len(expected)])
                 assert np.array_equal(prefixes[-1], expected)
@@ -122,7 +122,7 @@ def test_resume_continues_bit_for_bit_without_replaying(two_sources, num_workers
     got = take(resumed, steps_after)
 
     for want, have in zip(expected[steps_before:], got):
-        assert torch.equal(want.tokens, have.tokens)
+        assert torch.equal(want.input_ids, have.input_ids)
         assert (want.worker, want.batch_index, want.source_tokens) == (have.worker, have.batch_index,
                                                                        have.source_tokens)
     assert any(b.shortened for b in got)
@@ -143,7 +143,7 @@ def test_every_rank_yields_batches_forever(tmp_path, layout):
     for rank in range(2):
         loader = make_loader(spec, dp_rank=rank, dp_size=2, num_workers=2)
         batches = take(loader, 40)
-        assert all(b.tokens.shape == (2, 8) for b in batches)
+        assert all(b.input_ids.shape == (2, 8) for b in batches)
         assert loader.counters()["a"]["epoch"] >= 2  # went through several epochs without stopping
 
 
@@ -158,10 +158,10 @@ def test_mixing_meets_the_weights_in_tokens(tmp_path):
     draws = [torch.rand((), dtype=torch.float64,
                         generator=keyed_generator(SEED, "mix", 2 + row % 2, row // 2)).item()
              for row in range(rows)]
-    from_a = torch.cat([b.tokens for b in batches])[:, 0] < 150_000
+    from_a = torch.cat([b.input_ids for b in batches])[:, 0] < 150_000
     assert from_a.tolist() == [draw < 0.75 for draw in draws]  # each row's source is its keyed draw
     for b in batches:  # the reported counts match where the tokens came from
-        assert b.source_tokens == {"a": int((b.tokens < 150_000).sum()), "b": int((b.tokens >= 150_000).sum())}
+        assert b.source_tokens == {"a": int((b.input_ids < 150_000).sum()), "b": int((b.input_ids >= 150_000).sum())}
     tokens_a = sum(b.source_tokens["a"] for b in batches)
     assert {name: c["tokens"] for name, c in loader.counters().items()} == {"a": tokens_a, "b": rows * 8 - tokens_a}
     share = tokens_a / (rows * 8)
@@ -174,7 +174,7 @@ def test_one_percent_rule_shortens_about_one_percent_with_keyed_lengths(tmp_path
     steps, seq_len, prob = 4000, 16, 0.01
     shortened_at, lengths = {}, []
     for seed in (0, 1):
-        shapes = [b.tokens.shape[1] for b in take(make_loader(spec, seed=seed, batch_size=1, seq_len=seq_len,
+        shapes = [b.input_ids.shape[1] for b in take(make_loader(spec, seed=seed, batch_size=1, seq_len=seq_len,
                                                                variable_length_prob=prob), steps)]
         reference = [shorten_batch(torch.zeros(1, seq_len), keyed_generator(seed, "length", 0, 0, i),
                                    prob).shape[1] for i in range(steps)]
@@ -196,27 +196,28 @@ def test_carry_loses_no_token_and_discard_cuts_like_the_reference(tmp_path):
     discard = take(make_loader(spec, variable_length_prob=prob, variable_length_mode="discard"), steps)
     assert 0 < sum(b.shortened for b in carry) < steps
     for lane in range(2):  # each row of the micro-batch is its own stream
-        carried = np.concatenate([b.tokens[lane].numpy() for b in carry])
-        unshortened = np.concatenate([b.tokens[lane].numpy() for b in full])
+        carried = np.concatenate([b.input_ids[lane].numpy() for b in carry])
+        unshortened = np.concatenate([b.input_ids[lane].numpy() for b in full])
         assert np.array_equal(carried, unshortened[:len(carried)])
     for i, (whole, cut) in enumerate(zip(full, discard)):
-        assert torch.equal(cut.tokens, shorten_batch(whole.tokens, keyed_generator(SEED, "length", 0, 0, i), prob))
-    assert [b.tokens.shape for b in carry] == [b.tokens.shape for b in discard]
+        lengths = keyed_generator(SEED, "length", 0, 0, i)
+        assert torch.equal(cut.input_ids, shorten_batch(whole.input_ids, lengths, prob))
+    assert [b.input_ids.shape for b in carry] == [b.input_ids.shape for b in discard]
 
 
 def test_batches_depend_on_the_data_parallel_rank_only(two_sources):
     options = dict(dp_size=2, num_workers=2, variable_length_prob=0.3)
     first, same = (take(make_loader(two_sources, dp_rank=0, **options), 8) for _ in range(2))
     other = take(make_loader(two_sources, dp_rank=1, **options), 8)
-    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(first, same))
-    assert not any(a.tokens.shape == b.tokens.shape and torch.equal(a.tokens, b.tokens)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(first, same))
+    assert not any(a.input_ids.shape == b.input_ids.shape and torch.equal(a.input_ids, b.input_ids)
                    for a, b in zip(first, other))
 
 
 def test_no_workers_is_the_stream_of_one_worker(two_sources):
     in_process = take(make_loader(two_sources, num_workers=0, variable_length_prob=0.3), 10)
     one_worker = take(make_loader(two_sources, num_workers=1, variable_length_prob=0.3), 10)
-    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(in_process, one_worker))
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(in_process, one_worker))
 
 
 def test_tokenizer_mismatch_names_the_directory_and_both_hashes(tmp_path):

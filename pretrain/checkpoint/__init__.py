@@ -1,4 +1,5 @@
 """Model state on disk: training checkpoints that are complete or absent (`store`), whole
-weights under the released names loaded into any layout (`weights`), the released Hugging Face
-format (`hf_format`, `hf_modeling/`), and streamed safetensors I/O. Used by training, inference
-and the export/import commands."""
+weights under the released names loaded into any layout (`weights`), files published
+atomically (`atomic`), the released Hugging Face format (`hf_format`, `hf_export`,
+`hf_modeling/`), and streamed safetensors I/O. Used by training, inference and the
+export/import commands."""

@@ -1,4 +1,4 @@
-"""The released LLaDA Hugging Face layout, described once for export and import.
+"""The released LLaDA Hugging Face format, described once for export and import.
 
 The released checkpoints (GSAI-ML/LLaDA-8B-Base, -Instruct) carry a `config.json` whose class
 defaults are not LLaDA's, so every field is written explicitly; tensor names are the training
@@ -55,7 +55,7 @@ _COPIED = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "m
 
 
 class FormatError(ValueError):
-    """A directory or checkpoint that does not fit the released layout; the message lists why."""
+    """A directory or checkpoint that does not fit the released format; the message lists why."""
 
 
 def released_config(model: ModelConfig, special_ids: dict[str, int]) -> dict:
@@ -77,7 +77,7 @@ def released_config(model: ModelConfig, special_ids: dict[str, int]) -> dict:
 
 
 def model_config_from_released(config: dict, where: str) -> ModelConfig:
-    """The training model's config for a released-layout config.json (`where` names the file)."""
+    """The training model's config for a released-format config.json (`where` names the file)."""
     problems = []
     if config.get("model_type") != "llada":
         problems.append(f"model_type is {config.get('model_type')!r}, expected 'llada'")

@@ -20,6 +20,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from pretrain.checkpoint.atomic import atomic_file
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
           "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -144,23 +146,16 @@ def write_file(path: str | os.PathLike, plan: Iterable[PlannedTensor],
         offset += t.nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
-            for t in plan:
-                tensor = tensor_of(t.name)
-                if tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
-                    raise SafetensorsError(f"{path}: tensor {t.name!r} is {tensor.dtype} "
-                                           f"{list(tensor.shape)}, planned {t.dtype} {list(t.shape)}")
-                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-                del tensor
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for t in plan:
+            tensor = tensor_of(t.name)
+            if tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
+                raise SafetensorsError(f"{path}: tensor {t.name!r} is {tensor.dtype} "
+                                       f"{list(tensor.shape)}, planned {t.dtype} {list(t.shape)}")
+            f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del tensor
 
 
 def shard_plan(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:

@@ -28,7 +28,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from parallel.engine import full_state_dict
+from parallel.engine import full_state_dict, rank
+from pretrain.checkpoint.atomic import atomic_write
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -42,19 +43,6 @@ class CheckpointError(ValueError):
 
 def tag_of(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -83,7 +71,7 @@ def publish(root: Path, tmp: Path, step: int) -> Path:
     if final.exists():
         os.replace(final, replaced)
     os.replace(tmp, final)
-    _write_atomic(root / LATEST, tag_of(step))
+    atomic_write(root / LATEST, tag_of(step))
     shutil.rmtree(replaced, ignore_errors=True)
     return final
 
@@ -112,21 +100,21 @@ def save_checkpoint(engine, root: str | Path, step: int, *, trainer_state: dict,
                     keep_every: int = 0) -> Path:
     """Save every rank's shards and state and rank 0's extras for `step`; returns the published path."""
     root = Path(root)
-    rank = _rank()
+    this_rank = rank()
     tmp_tag = f".tmp-{tag_of(step)}"
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    _write_atomic(root / tmp_tag / f"rank_{rank:05d}.json",
-                  json.dumps({**rank_state, "rng": rng_state()}))
+    atomic_write(root / tmp_tag / f"rank_{this_rank:05d}.json",
+                 json.dumps({**rank_state, "rng": rng_state()}))
     # a pipeline (parallel.pipeline) gathers its stages itself; other modules hold every layer
     whole_state_dict = getattr(engine.module, "whole_state_dict", None)
     weights = whole_state_dict() if whole_state_dict else full_state_dict(engine.module)
     _barrier()  # every rank's files are in place before rank 0 publishes
-    if rank == 0:
+    if this_rank == 0:
         tmp = root / tmp_tag
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        _write_atomic(tmp / TRAINER_STATE, json.dumps({"step": step, **trainer_state}))
+        atomic_write(tmp / TRAINER_STATE, json.dumps({"step": step, **trainer_state}))
         publish(root, tmp, step)
         prune(root, keep_last, keep_every)
     _barrier()

@@ -41,13 +41,13 @@ def weights_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def weights_source(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, TensorEntry], Path, str]:
-    """(model config, tensor entries, tokenizer path, description) of a released-layout
+    """(model config, tensor entries, tokenizer path, description) of a released-format
     directory (it has config.json) or a training checkpoint (`weights_checkpoint`)."""
     directory = Path(directory)
     if (directory / "config.json").is_file():
         config = json.loads((directory / "config.json").read_text())
         model = model_config_from_released(config, str(directory / "config.json"))
-        return model, read_directory(directory), directory / "tokenizer.json", f"released layout {directory}"
+        return model, read_directory(directory), directory / "tokenizer.json", f"released format {directory}"
     checkpoint = weights_checkpoint(directory)
     return (read_model_config(checkpoint), read_header(checkpoint / "model.safetensors"),
             checkpoint / "tokenizer.json", f"checkpoint {checkpoint}")

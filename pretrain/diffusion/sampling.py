@@ -113,8 +113,10 @@ class SamplerConfig:
                            "cache_refresh_every to None")
             elif self.cache_refresh_every < 1:
                 out.append(f"cache_refresh_every {self.cache_refresh_every} must be >= 1 (1: every step)")
-        if self.temperature < 0 or self.cfg_scale < 0:
-            out.append("temperature and cfg_scale must be >= 0")
+        if self.temperature < 0:
+            out.append(f"temperature {self.temperature} must be >= 0 (0: greedy)")
+        if self.cfg_scale < 0:
+            out.append(f"cfg_scale {self.cfg_scale} must be >= 0 (0: no guidance)")
         if self.remasking not in REMASKING:
             out.append(f"remasking {self.remasking!r} is not one of {', '.join(REMASKING)}")
         if self.confidence_eos_eot not in CONFIDENCE_EOS_EOT:

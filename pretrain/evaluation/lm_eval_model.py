@@ -4,7 +4,7 @@ earlier 0.4 releases gather through an `accelerate` object, `lm.accelerator`).
 The paper's benchmark numbers come from lm-eval behind a diffusion-model adapter (the official
 `eval_llada.py`, which loads the HF model through `accelerate` and scores with its own copy of
 Algorithm 3). This adapter runs the stack's own pieces instead: `pretrain.inference.loading.load_model`
-(a training checkpoint or a released-layout directory; one process, or ZeRO-3 / tensor
+(a training checkpoint or a released-format directory; one process, or ZeRO-3 / tensor
 parallel under a launcher), `pretrain.diffusion.likelihood` (Algorithm 3) and `pretrain.diffusion.sampling` (the
 official sampler), so lm-eval scores exactly what validation and `pretrain.generate` compute.
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from pretrain.checkpoint.atomic import atomic_file, atomic_write
+
 # Early (light yellow) to late (dark purple): viridis, reversed.
 PALETTE = ((253, 231, 37), (122, 209, 81), (34, 168, 132), (42, 120, 142), (65, 68, 135), (68, 1, 84))
 FONT_SIZE = 16
@@ -169,19 +171,11 @@ def _words(text: str) -> list[str]:
 
 
 def write_html(view: DenoisingView, path: str | os.PathLike) -> Path:
-    return _write_atomically(Path(path), to_html(view).encode("utf-8"))
+    return atomic_write(path, to_html(view).encode("utf-8"))
 
 
 def write_png(view: DenoisingView, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    to_image(view).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
-    return path
-
-
-def _write_atomically(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    image = to_image(view)
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", optimize=True)
+    return Path(path)

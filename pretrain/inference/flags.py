@@ -44,7 +44,7 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Which model to load and how to lay it out (shared with `pretrain.chat` and `pretrain.evaluate`)."""
-    parser.add_argument("--model", required=True, help="training checkpoint or released-layout directory")
+    parser.add_argument("--model", required=True, help="training checkpoint or released-format directory")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 3),

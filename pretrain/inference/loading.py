@@ -3,12 +3,13 @@ directory, in one process or sharded over ranks.
 
 Both sources hold the same tensor names (the released ones), so both load into the training
 model: a `step_XXXXXXXX` checkpoint (or a checkpoints directory: its newest step) through its
-`config.yaml`, a released-layout directory (GSAI-ML/LLaDA-8B-Base or -Instruct as downloaded,
+`config.yaml`, a released-format directory (GSAI-ML/LLaDA-8B-Base or -Instruct as downloaded,
 or this stack's export) through its `config.json`; the tokenizer is the `tokenizer.json`
 beside the weights. In one process the model is built on the meta device and filled tensor by
 tensor (no throw-away initialisation, no second copy). Under a launcher (WORLD_SIZE > 1) or
-with tensor parallelism it is built like the trainer builds it (megatron-core shards, ZeRO-3
-partitions under `zero.Init`) and wrapped in a DeepSpeed engine without an optimizer; every
+with tensor parallelism it is built as the trainer builds it (`parallel.build`: megatron-core
+shards, ZeRO-3 partitions under `zero.Init`) and wrapped in a DeepSpeed engine without an
+optimizer, its config from `parallel.engine_config` (one example per forward); every
 forward is then a collective, which the sampler's `agree` and the evaluation sampler's padding
 keep in lockstep.
 """
@@ -22,12 +23,18 @@ import torch
 
 from data_pipeline.tokenizer import TokenizerInfo, check_fits_model, load_tokenizer
 from parallel import engine as ds
+from parallel.build import build_rank_model
+from parallel.engine_config import ParallelConfig, deepspeed_config
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from parallel.topology import coordinates
 from pretrain.checkpoint.weights import load_weights, weights_source
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The seed of the weights a sharded build draws before `load_weights` overwrites every one (the
+# trainer's default seed, so the global RNG is seeded as it was when inference built through the
+# trainer's config).
+_BUILD_SEED = 1234
 
 
 @dataclass
@@ -45,18 +52,12 @@ class InferenceModel:
 
     @property
     def distributed(self) -> bool:
-        return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        return ds.world_size() > 1
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **cache) -> torch.Tensor:
         """cache: the KV-cache arguments of `LLaDAModel.forward` (fast decoding), passed through."""
         return self.module(ids.to(self.device), attention_mask=attention_mask, **cache)
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def load_model(directory: str | os.PathLike, *, dtype: str = "auto", tensor_parallel: int = 1,
@@ -78,7 +79,7 @@ def load_model(directory: str | os.PathLike, *, dtype: str = "auto", tensor_para
     precision = "bf16" if dtype == "auto" and torch.cuda.is_available() else ("fp32" if dtype == "auto" else dtype)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and tensor_parallel == 1:
-        device = _device()
+        device = ds.rank_device()
         with torch.device("meta"):
             module = LLaDAModel(model_config, init_seed=None, attention_backend=attention_backend,
                                 fuse_projections=fuse_projections)
@@ -91,25 +92,18 @@ def load_model(directory: str | os.PathLike, *, dtype: str = "auto", tensor_para
 
 def _load_sharded(model_config, entries, where, tokenizer, precision, tensor_parallel, zero_stage,
                   attention_backend, fuse_projections, world) -> InferenceModel:
-    from pretrain.training.config import RunConfig
-    from pretrain.training.engine_setup import build_model
-    from pretrain.training.layout import engine_config, resolve_layout
-
-    cfg = RunConfig()
-    cfg.model = model_config
-    cfg.parallel.tensor_parallel = tensor_parallel
-    cfg.parallel.zero_stage = zero_stage
-    cfg.train.precision = precision
-    cfg.train.attention_backend = attention_backend
-    cfg.fast.fuse_projections = fuse_projections
-    cfg.train.micro_batch_size = 1
-    cfg.train.global_batch_size = world // tensor_parallel
-    ds.init_distributed(cfg.parallel.rendezvous_timeout_s)
-    ds_config = engine_config(cfg, resolve_layout(cfg, world))
-    module, mpu = build_model(cfg, ds_config)
+    parallel = ParallelConfig(tensor_parallel=tensor_parallel, zero_stage=zero_stage)
+    ds.init_distributed(parallel.rendezvous_timeout_s)
+    grid = coordinates(ds.rank(), world, tensor_parallel)
+    # One example per forward on each data-parallel rank; with no optimizer the gradient keys
+    # (accumulation, clipping at the run config's default 1.0) are never used.
+    ds_config = deepspeed_config(parallel, micro_batch_size=1, grad_accum_steps=1,
+                                 bf16=ds.use_bf16(precision), grad_clip=1.0)
+    module, mpu = build_rank_model(model_config, parallel, ds_config=ds_config, seed=_BUILD_SEED,
+                                   attention_backend=attention_backend,
+                                   fuse_projections=fuse_projections)
     load_weights(module, entries, where)
     engine = ds.initialize(module, None, ds_config, mpu=mpu)
-    grid = coordinates(torch.distributed.get_rank(), world, tensor_parallel)
-    return InferenceModel(engine.module.eval(), model_config, tokenizer, _device(),
+    return InferenceModel(engine.module.eval(), model_config, tokenizer, ds.rank_device(),
                           dp_rank=grid.dp_rank, dp_size=grid.dp_size,
                           dp_group=mpu.get_data_parallel_group() if mpu is not None else None)

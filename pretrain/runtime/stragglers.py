@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from parallel.engine import rank_device
+from parallel.engine import rank_device, world_size
 
 
 class StragglerMonitor:
@@ -31,7 +31,7 @@ class StragglerMonitor:
     def __init__(self, rank: int, warn_factor: float):
         self.rank = rank
         self.warn_factor = warn_factor
-        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.world_size = world_size()
         self.hosts = [socket.gethostname()] * self.world_size
         if self.world_size > 1:
             torch.distributed.all_gather_object(self.hosts, socket.gethostname())

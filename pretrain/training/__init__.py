@@ -1,3 +1,7 @@
-"""One training run: the typed config, the launch layout and memory plan, the data and engine
-set-up, the step loss, the learning-rate schedule, the held-out loss and the loop itself. Used
-by the train and profile commands and the recipes (through `entry`)."""
+"""One training run: the typed config (`config`, loaded by `typed_yaml`), the launch layout and
+memory plan (`layout`), data and engine set-up, the objective (`objective`: loss, held-out loss
+and closing sample of mdm, arm or sft), the step's noise (`step_loss`), the learning-rate
+schedule, the held-out loss, the resumable state (`state`), the steps of a run (`trainer`) and
+the loop over them (`loop`); `entry` is the train command's flags and exit codes, and
+`init_from_release` turns a released-format directory into a run's starting point. Used by the
+train, profile and import_hf commands and the recipes."""

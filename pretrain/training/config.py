@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,13 +20,13 @@ from parallel.attention import ATTENTION_BACKENDS
 from parallel.engine_config import ParallelConfig
 from parallel.memory_plan import CHECKPOINTING
 from parallel.model_config import ModelConfig, preset
+from pretrain.diffusion.sampling import SamplerConfig
 from pretrain.runtime.guard_rails import GuardConfig
 from pretrain.runtime.throughput import FastConfig, ProfileConfig
 from pretrain.training.schedule import ScheduleConfig
+from pretrain.training.typed_yaml import ConfigError, apply_mapping, parse_override
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the field and the fix."""
+OBJECTIVES = ("mdm", "arm", "sft")
 
 
 @dataclass
@@ -71,6 +69,59 @@ class DataConfig:
     sft_overlong: str = "truncate"
     sft_pad_to_seq_len: bool = False
 
+    def problems(self, check_paths: bool = True) -> list[str]:
+        """One 'data.<field>: ...' line per invalid value; check_paths: the files named exist."""
+        out = []
+        if self.source not in ("stdlib", "files", "shards", "sft"):
+            out.append(f"data.source: {self.source!r} is not 'stdlib', 'files', 'shards' or 'sft'")
+        if self.source in ("files", "sft") and not self.paths:
+            out.append(f"data.paths: data.source is {self.source!r} but no paths are given")
+        for p in self.paths if check_paths else ():
+            if not Path(p).exists():
+                out.append(f"data.paths: no such file or directory {p!r}")
+        if self.source == "shards":
+            if not self.sources:
+                out.append("data.sources: data.source is 'shards' but no sources are given; list "
+                           "prepared directories as {path: DIR, weight: W}")
+            if self.tokenizer is None:
+                out.append("data.tokenizer: prepared shards need the tokenizer.json they were prepared with")
+        for i, src in enumerate(self.sources):
+            if check_paths and not Path(src.path, "manifest.json").is_file():
+                out.append(f"data.sources[{i}].path: no manifest.json in {src.path!r}; prepare it with "
+                           f"`python -m data_pipeline.prepare`")
+            if src.weight <= 0:
+                out.append(f"data.sources[{i}].weight: must be positive, got {src.weight}")
+        names = [src.name or Path(src.path).name for src in self.sources]
+        if len(set(names)) != len(names):
+            out.append(f"data.sources: names {names} repeat; give each source a distinct name")
+        if check_paths and self.validation_path is not None:
+            if self.source != "sft" and not Path(self.validation_path, "manifest.json").is_file():
+                out.append(f"data.validation_path: no manifest.json in {self.validation_path!r}")
+            if self.source == "sft" and not Path(self.validation_path).is_file():
+                out.append(f"data.validation_path: no such JSONL file {self.validation_path!r}")
+        if self.pad_vocab_to_multiple < 0:
+            out.append(f"data.pad_vocab_to_multiple: must be >= 0, got {self.pad_vocab_to_multiple}")
+        if self.num_workers < 0:
+            out.append(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.variable_length_mode not in ("carry", "discard"):
+            out.append(f"data.variable_length_mode: {self.variable_length_mode!r} is not 'carry' or 'discard'")
+        if check_paths and self.tokenizer is not None and not Path(self.tokenizer).is_file():
+            out.append(f"data.tokenizer: no such file {self.tokenizer!r}; give a tokenizer.json or null to train one")
+        if self.source == "sft" and self.tokenizer is None:
+            out.append("data.tokenizer: SFT needs the base model's tokenizer.json (the one "
+                       "`python -m pretrain.import_hf` writes beside the weights)")
+        if not 0 < self.heldout_fraction < 1:
+            out.append(f"data.heldout_fraction: {self.heldout_fraction} must lie in (0, 1)")
+        if not 0 <= self.variable_length_prob <= 1:
+            out.append(f"data.variable_length_prob: {self.variable_length_prob} must lie in [0, 1]")
+        if self.max_bytes <= 0:
+            out.append(f"data.max_bytes: must be positive, got {self.max_bytes}")
+        if self.sft_pairs not in PAIR_MODES:
+            out.append(f"data.sft_pairs: {self.sft_pairs!r} is not one of {', '.join(PAIR_MODES)}")
+        if self.sft_overlong not in OVERLONG_MODES:
+            out.append(f"data.sft_overlong: {self.sft_overlong!r} is not one of {', '.join(OVERLONG_MODES)}")
+        return out
+
 
 @dataclass
 class OptimConfig:
@@ -78,6 +129,15 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+
+    def problems(self) -> list[str]:
+        out = []
+        lo, hi = self.betas
+        if not (0 <= lo < 1 and 0 <= hi < 1):
+            out.append(f"optim.betas: {self.betas} must lie in [0, 1)")
+        if self.grad_clip < 0 or self.weight_decay < 0 or self.eps <= 0:
+            out.append("optim.grad_clip / optim.weight_decay must be >= 0 and optim.eps > 0")
+        return out
 
 
 @dataclass
@@ -100,6 +160,30 @@ class TrainConfig:
     # `pretrain.import_hf` output. Step count, optimizer and data start afresh; a resume wins.
     init_from: str | None = None
 
+    def problems(self, check_paths: bool = True) -> list[str]:
+        """One 'train.<field>: ...' line per invalid value; check_paths: init_from holds weights."""
+        out = []
+        if self.objective not in OBJECTIVES:
+            out.append(f"train.objective: {self.objective!r} is not 'mdm', 'arm' or 'sft'")
+        if self.epochs < 0 or (self.epochs and self.objective != "sft"):
+            out.append(f"train.epochs: {self.epochs}; passes over the conversations are for "
+                       f"train.objective sft (>= 1), 0 trains train.steps")
+        for name in ("steps", "micro_batch_size", "global_batch_size"):
+            if getattr(self, name) <= 0:
+                out.append(f"train.{name}: must be positive, got {getattr(self, name)}")
+        if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
+            out.append(f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
+                       f"train.micro_batch_size {self.micro_batch_size}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            out.append(f"train.precision: {self.precision!r} is not auto, fp32 or bf16")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            out.append(f"train.attention_backend: {self.attention_backend!r} is not one of "
+                       f"{', '.join(ATTENTION_BACKENDS)}")
+        if check_paths and self.init_from and not Path(self.init_from, "model.safetensors").is_file():
+            out.append(f"train.init_from: no model.safetensors in {self.init_from!r}; give a checkpoint "
+                       f"step directory or a directory written by `python -m pretrain.import_hf`")
+        return out
+
 
 @dataclass
 class MemoryConfig:
@@ -110,6 +194,17 @@ class MemoryConfig:
     loss_chunk_tokens: int = 0
     # The device memory the launch-time estimate is checked against.
     gpu_memory_gib: float = 80.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.activation_checkpointing not in CHECKPOINTING:
+            out.append(f"memory.activation_checkpointing: {self.activation_checkpointing!r} is not one of "
+                       f"{', '.join(CHECKPOINTING)}")
+        if self.loss_chunk_tokens < 0:
+            out.append("memory.loss_chunk_tokens: must be >= 0 (0 runs the whole micro-batch at once)")
+        if self.gpu_memory_gib <= 0:
+            out.append("memory.gpu_memory_gib: must be positive")
+        return out
 
 
 @dataclass
@@ -128,6 +223,17 @@ class ValidationConfig:
     elbo_mc_num: int = 32
     elbo_batch_size: int = 8
 
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("every", "elbo_every", "batches", "batch_size", "t_buckets", "elbo_sequences",
+                     "elbo_mc_num", "elbo_batch_size"):
+            if getattr(self, name) < (0 if name.endswith("every") else 1):
+                out.append(f"validation.{name}: must be {'>= 0' if name.endswith('every') else 'positive'}")
+        if self.elbo_every and self.elbo_mc_num % max(self.elbo_batch_size, 1):
+            out.append(f"validation.elbo_mc_num: {self.elbo_mc_num} is not a multiple of "
+                       f"validation.elbo_batch_size {self.elbo_batch_size}")
+        return out
+
 
 @dataclass
 class CheckpointConfig:
@@ -137,6 +243,14 @@ class CheckpointConfig:
     keep_every: int = 0       # ... and every step divisible by this (0: none)
     # false: no checkpoint (and so no closing sample) after the last step: profiling runs
     save_at_end: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.every < 0:
+            out.append("checkpoint.every: must be >= 0 (0 saves only at the end)")
+        if self.keep_last < 0 or self.keep_every < 0:
+            out.append("checkpoint.keep_last / checkpoint.keep_every: must be >= 0")
+        return out
 
 
 @dataclass
@@ -151,14 +265,32 @@ class LoggingConfig:
     # rank's (0: no warning; the straggler/* metrics are logged either way).
     straggler_factor: float = 1.5
 
+    def problems(self) -> list[str]:
+        out = []
+        if self.every <= 0:
+            out.append("logging.every: must be positive")
+        if self.straggler_factor != 0 and not self.straggler_factor > 1:
+            out.append(f"logging.straggler_factor: must be 0 (no warning) or > 1, got {self.straggler_factor}")
+        return out
+
 
 @dataclass
 class SampleConfig:
+    """The closing sample: `prompt`, decoded by the sampler with these settings (the rest of
+    `SamplerConfig` at its defaults), which also checks them."""
     prompt: str = "def "
     gen_length: int = 48
     steps: int = 48
     block_length: int = 48
     temperature: float = 0.0
+
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(steps=self.steps, gen_length=self.gen_length, block_length=self.block_length,
+                             temperature=self.temperature)
+
+    def problems(self) -> list[str]:
+        # the sampler's lines start with the field they name: 'block_length 5 must divide ...'
+        return [f"sample.{line}" for line in self.sampler().problems()]
 
 
 @dataclass
@@ -180,75 +312,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------- loading
-
-def _coerce(value, annotation, where: str):
-    """Check `value` against a field's annotation (str, int, float, bool, lists, tuples, Optional)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of fields")
-        item = annotation()
-        _apply(item, value, f"{where}.")
-        return item
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(annotation)
-        if origin is tuple and len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        items = [_coerce(v, args[i] if origin is tuple else args[0], f"{where}[{i}]")
-                 for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {annotation}")
-
-
-def _apply(section, values: dict, prefix: str) -> None:
-    hints = typing.get_type_hints(type(section))
-    names = {f.name for f in dataclasses.fields(section)}
-    for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key; known keys of '{prefix.rstrip('.') or 'config'}'"
-                              f" are {', '.join(sorted(names))}")
-        setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
-
-
-def parse_override(text: str) -> tuple[list[str], object]:
-    """'train.steps=20' -> (['train', 'steps'], 20); the value is read as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.field=value, e.g. train.steps=20")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
@@ -284,159 +347,57 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
         cfg.model = preset(preset_name)
     except KeyError as e:
         raise ConfigError(f"model.preset: {e.args[0]}") from None
-    _apply(cfg.model, model_raw, "model.")
-    _apply(cfg, raw, "")
-    problems = validate(cfg, check_paths)
+    apply_mapping(cfg.model, model_raw, "model.")
+    apply_mapping(cfg, raw, "")
+    problems = config_problems(cfg, check_paths)
     if problems:
         raise ConfigError("\n".join(problems))
     return cfg
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- config problems
 
-def validate(cfg: RunConfig, check_paths: bool = True) -> list[str]:
-    """Every problem with the config, one line each naming the field and the fix."""
+def config_problems(cfg: RunConfig, check_paths: bool = True) -> list[str]:
+    """Every problem with the config, one line each naming the field and the fix: each section's
+    own (`problems()`), then the checks that span sections."""
     t, d, v = cfg.train, cfg.data, cfg.validation
-    out = list(cfg.model.problems()) + list(cfg.schedule.problems(total_steps_from_run=t.epochs > 0))
-    if t.objective not in ("mdm", "arm", "sft"):
-        out.append(f"train.objective: {t.objective!r} is not 'mdm', 'arm' or 'sft'")
-    elif cfg.model.causal != (t.objective == "arm"):
+    out = [*cfg.model.problems(), *cfg.schedule.problems(total_steps_from_run=t.epochs > 0),
+           *t.problems(check_paths), *d.problems(check_paths)]
+    for section in (cfg.optim, cfg.memory, v, cfg.checkpoint, cfg.guard, cfg.logging, cfg.sample, cfg.profile):
+        out += section.problems()
+    if t.objective in OBJECTIVES and cfg.model.causal != (t.objective == "arm"):
         out.append(f"model.causal: is {cfg.model.causal} but train.objective is {t.objective!r}; "
                    f"the AR baseline ('arm') needs a causal model and the MDM a bidirectional one")
-    out += validate_sft(cfg, check_paths)
-    for name in ("steps", "micro_batch_size", "global_batch_size"):
-        if getattr(t, name) <= 0:
-            out.append(f"train.{name}: must be positive, got {getattr(t, name)}")
-    if t.micro_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
-        out.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
-                   f"train.micro_batch_size {t.micro_batch_size}")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        out.append(f"train.precision: {t.precision!r} is not auto, fp32 or bf16")
-    out += validate_parallel(cfg)
-    if t.attention_backend not in ATTENTION_BACKENDS:
-        out.append(f"train.attention_backend: {t.attention_backend!r} is not one of "
-                   f"{', '.join(ATTENTION_BACKENDS)}")
-    out += cfg.profile.problems()
-    if d.source not in ("stdlib", "files", "shards", "sft"):
-        out.append(f"data.source: {d.source!r} is not 'stdlib', 'files', 'shards' or 'sft'")
-    if d.source in ("files", "sft") and not d.paths:
-        out.append(f"data.paths: data.source is {d.source!r} but no paths are given")
-    if check_paths and t.init_from and not Path(t.init_from, "model.safetensors").is_file():
-        out.append(f"train.init_from: no model.safetensors in {t.init_from!r}; give a checkpoint "
-                   f"step directory or a directory written by `python -m pretrain.import_hf`")
-    for p in d.paths if check_paths else ():
-        if not Path(p).exists():
-            out.append(f"data.paths: no such file or directory {p!r}")
-    if d.source == "shards":
-        if not d.sources:
-            out.append("data.sources: data.source is 'shards' but no sources are given; list "
-                       "prepared directories as {path: DIR, weight: W}")
-        if d.tokenizer is None:
-            out.append("data.tokenizer: prepared shards need the tokenizer.json they were prepared with")
-        if (v.every or v.elbo_every) and d.validation_path is None:
-            out.append("data.validation_path: validation needs a prepared held-out directory "
-                       "(or set validation.every=0 and validation.elbo_every=0)")
-    for i, src in enumerate(d.sources):
-        if check_paths and not Path(src.path, "manifest.json").is_file():
-            out.append(f"data.sources[{i}].path: no manifest.json in {src.path!r}; prepare it with "
-                       f"`python -m data_pipeline.prepare`")
-        if src.weight <= 0:
-            out.append(f"data.sources[{i}].weight: must be positive, got {src.weight}")
-    names = [src.name or Path(src.path).name for src in d.sources]
-    if len(set(names)) != len(names):
-        out.append(f"data.sources: names {names} repeat; give each source a distinct name")
-    if (check_paths and d.validation_path is not None and d.source != "sft"
-            and not Path(d.validation_path, "manifest.json").is_file()):
-        out.append(f"data.validation_path: no manifest.json in {d.validation_path!r}")
-    if d.pad_vocab_to_multiple < 0:
-        out.append(f"data.pad_vocab_to_multiple: must be >= 0, got {d.pad_vocab_to_multiple}")
-    if d.num_workers < 0:
-        out.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
-    if d.variable_length_mode not in ("carry", "discard"):
-        out.append(f"data.variable_length_mode: {d.variable_length_mode!r} is not 'carry' or 'discard'")
-    if check_paths and d.tokenizer is not None and not Path(d.tokenizer).is_file():
-        out.append(f"data.tokenizer: no such file {d.tokenizer!r}; give a tokenizer.json or null "
-                   f"to train one")
+    out += sft_problems(cfg) + parallel_problems(cfg)
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_sequence_length:
         out.append(f"data.seq_len: {d.seq_len} must lie in [1, model.max_sequence_length "
                    f"{cfg.model.max_sequence_length}]")
-    if not 0 < d.heldout_fraction < 1:
-        out.append(f"data.heldout_fraction: {d.heldout_fraction} must lie in (0, 1)")
-    if not 0 <= d.variable_length_prob <= 1:
-        out.append(f"data.variable_length_prob: {d.variable_length_prob} must lie in [0, 1]")
-    if d.max_bytes <= 0:
-        out.append(f"data.max_bytes: must be positive, got {d.max_bytes}")
-    for name in ("every", "elbo_every", "batches", "batch_size", "t_buckets", "elbo_sequences",
-                 "elbo_mc_num", "elbo_batch_size"):
-        if getattr(v, name) < (0 if name.endswith("every") else 1):
-            out.append(f"validation.{name}: must be {'>= 0' if name.endswith('every') else 'positive'}")
+    if d.source == "shards" and (v.every or v.elbo_every) and d.validation_path is None:
+        out.append("data.validation_path: validation needs a prepared held-out directory "
+                   "(or set validation.every=0 and validation.elbo_every=0)")
     if v.elbo_every and t.objective == "arm":
         out.append("validation.elbo_every: the Algorithm 3 bound scores the masked diffusion model; "
                    "set it to 0 for train.objective=arm")
-    if v.elbo_every and v.elbo_mc_num % max(v.elbo_batch_size, 1):
-        out.append(f"validation.elbo_mc_num: {v.elbo_mc_num} is not a multiple of "
-                   f"validation.elbo_batch_size {v.elbo_batch_size}")
     if v.elbo_every and d.source != "sft" and v.elbo_sequences > v.batches * v.batch_size:
         out.append(f"validation.elbo_sequences: {v.elbo_sequences} exceeds the held-out rows, "
                    f"validation.batches x validation.batch_size = {v.batches * v.batch_size}")
-    if cfg.checkpoint.every < 0:
-        out.append("checkpoint.every: must be >= 0 (0 saves only at the end)")
-    if cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_every < 0:
-        out.append("checkpoint.keep_last / checkpoint.keep_every: must be >= 0")
-    out += cfg.guard.problems()
-    if cfg.logging.every <= 0:
-        out.append("logging.every: must be positive")
-    if cfg.logging.straggler_factor != 0 and not cfg.logging.straggler_factor > 1:
-        out.append(f"logging.straggler_factor: must be 0 (no warning) or > 1, got "
-                   f"{cfg.logging.straggler_factor}")
-    s = cfg.sample
-    if s.gen_length <= 0 or s.block_length <= 0 or s.gen_length % s.block_length:
-        out.append(f"sample.block_length: {s.block_length} must divide sample.gen_length {s.gen_length}")
-    elif s.steps <= 0 or s.steps % (s.gen_length // s.block_length):
-        out.append(f"sample.steps: {s.steps} must be a positive multiple of the number of blocks "
-                   f"{s.gen_length // s.block_length}")
-    if s.temperature < 0:
-        out.append("sample.temperature: must be >= 0")
-    m = cfg.memory
-    if m.activation_checkpointing not in CHECKPOINTING:
-        out.append(f"memory.activation_checkpointing: {m.activation_checkpointing!r} is not one of "
-                   f"{', '.join(CHECKPOINTING)}")
-    elif m.activation_checkpointing == "selective" and cfg.parallel.zero_stage == 3:
+    if cfg.memory.activation_checkpointing == "selective" and cfg.parallel.zero_stage == 3:
         out.append("memory.activation_checkpointing: 'selective' (torch's selective checkpointing) "
                    "cannot replay the tensor operations ZeRO-3 runs inside each block to gather "
-                   "parameters; use 'full' with parallel.zero_stage 3, or 'selective' with "
-                   "parallel.zero_stage <= 2")
-    if m.loss_chunk_tokens < 0:
-        out.append("memory.loss_chunk_tokens: must be >= 0 (0 runs the whole micro-batch at once)")
-    if m.gpu_memory_gib <= 0:
-        out.append("memory.gpu_memory_gib: must be positive")
-    lo, hi = cfg.optim.betas
-    if not (0 <= lo < 1 and 0 <= hi < 1):
-        out.append(f"optim.betas: {cfg.optim.betas} must lie in [0, 1)")
-    if cfg.optim.grad_clip < 0 or cfg.optim.weight_decay < 0 or cfg.optim.eps <= 0:
-        out.append("optim.grad_clip / optim.weight_decay must be >= 0 and optim.eps > 0")
+                   "parameters; use 'full' with parallel.zero_stage 3, or 'selective' with parallel.zero_stage <= 2")
     return out
 
 
-def validate_sft(cfg: RunConfig, check_paths: bool) -> list[str]:
-    """Problems of a supervised fine-tuning config (or of SFT settings in another run)."""
+def sft_problems(cfg: RunConfig) -> list[str]:
+    """Problems of a supervised fine-tuning config (or of SFT settings in another run) that span
+    sections; the data and train sections check their SFT fields themselves."""
     t, d, v = cfg.train, cfg.data, cfg.validation
     out = []
     if (t.objective == "sft") != (d.source == "sft"):
         out.append(f"train.objective / data.source: {t.objective!r} / {d.source!r}; supervised "
                    f"fine-tuning (Algorithm 2) trains on conversations: set both to 'sft', or neither")
-    if t.epochs < 0 or (t.epochs and t.objective != "sft"):
-        out.append(f"train.epochs: {t.epochs}; passes over the conversations are for "
-                   f"train.objective sft (>= 1), 0 trains train.steps")
-    if d.sft_pairs not in PAIR_MODES:
-        out.append(f"data.sft_pairs: {d.sft_pairs!r} is not one of {', '.join(PAIR_MODES)}")
-    if d.sft_overlong not in OVERLONG_MODES:
-        out.append(f"data.sft_overlong: {d.sft_overlong!r} is not one of {', '.join(OVERLONG_MODES)}")
     if d.source != "sft":
         return out
-    if d.tokenizer is None:
-        out.append("data.tokenizer: SFT needs the base model's tokenizer.json (the one "
-                   "`python -m pretrain.import_hf` writes beside the weights)")
     if v.every:
         out.append("validation.every: the fixed-t held-out loss is for pretraining data; SFT "
                    "validates with the Algorithm 3 bound on held-out answers (validation.elbo_every "
@@ -444,33 +405,18 @@ def validate_sft(cfg: RunConfig, check_paths: bool) -> list[str]:
     if v.elbo_every and d.validation_path is None:
         out.append("data.validation_path: validation.elbo_every scores held-out answers; give a "
                    "JSONL file of held-out conversations (or set validation.elbo_every=0)")
-    if check_paths and d.validation_path is not None and not Path(d.validation_path).is_file():
-        out.append(f"data.validation_path: no such JSONL file {d.validation_path!r}")
     return out
 
 
-def validate_parallel(cfg: RunConfig) -> list[str]:
-    """Problems with the parallel layout that do not depend on the world size."""
-    out = []
+def parallel_problems(cfg: RunConfig) -> list[str]:
+    """Problems with the parallel layout that do not depend on the world size: the parallel
+    section's own, then the model, data and run against it."""
     p, m = cfg.parallel, cfg.model
+    out = p.problems()
     tp = p.tensor_parallel
-    if p.zero_stage not in (0, 1, 2, 3):
-        out.append(f"parallel.zero_stage: {p.zero_stage} is not 0, 1, 2 or 3")
-    if p.communication_dtype not in ("fp32", "bf16"):
-        out.append(f"parallel.communication_dtype: {p.communication_dtype!r} is not fp32 or bf16")
-    for name in ("reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters",
-                 "hpz_partition_size", "collective_timeout_s"):
-        if getattr(p, name) <= 0:
-            out.append(f"parallel.{name}: must be positive, got {getattr(p, name)}")
-    if p.param_persistence_threshold < 0 or p.rendezvous_timeout_s <= 0:
-        out.append("parallel.param_persistence_threshold must be >= 0 and "
-                   "parallel.rendezvous_timeout_s > 0")
-    if p.pipeline_parallel < 1:
-        out.append(f"parallel.pipeline_parallel: must be >= 1, got {p.pipeline_parallel}")
-    elif p.pipeline_parallel > 1:
-        out += validate_pipeline(cfg)
+    if p.pipeline_parallel > 1:
+        out += pipeline_problems(cfg)
     if tp < 1:
-        out.append(f"parallel.tensor_parallel: must be >= 1, got {tp}")
         return out
     if m.weight_tying and p.zero_stage == 3:
         out.append("model.weight_tying: the tied head reads the embedding's weight outside its "
@@ -496,16 +442,12 @@ def validate_parallel(cfg: RunConfig) -> list[str]:
     return out
 
 
-def validate_pipeline(cfg: RunConfig) -> list[str]:
-    """Problems of a pipeline-parallel run (DeepSpeed's PipelineEngine). Blocks that the stages
-    do not divide are balanced (the first stages take one more) and the plan is printed."""
-    p, pp, n = cfg.parallel, cfg.parallel.pipeline_parallel, cfg.model.n_layers
+def pipeline_problems(cfg: RunConfig) -> list[str]:
+    """Problems of a pipeline-parallel run (DeepSpeed's PipelineEngine) that span sections (its
+    ZeRO stage the parallel section checks). Blocks that the stages do not divide are balanced
+    (the first stages take one more) and the plan is printed."""
+    pp, n = cfg.parallel.pipeline_parallel, cfg.model.n_layers
     out = []
-    if p.zero_stage > 1:
-        out.append(f"parallel.zero_stage: {p.zero_stage} with parallel.pipeline_parallel {pp}; "
-                   f"DeepSpeed's PipelineEngine accepts ZeRO stage 0 or 1 only: set "
-                   f"parallel.zero_stage: 1 (the optimizer states stay partitioned over the "
-                   f"data-parallel ranks)")
     if n < pp:
         out.append(f"parallel.pipeline_parallel: {pp} stages for model.n_layers {n}; every stage "
                    f"needs at least one block: use at most {n} stages")
@@ -519,3 +461,4 @@ def validate_pipeline(cfg: RunConfig) -> list[str]:
         out.append("guard.inject_nan_at_steps: NaN injection is not wired into the pipeline's loss; "
                    "leave it empty with parallel.pipeline_parallel > 1")
     return out
+

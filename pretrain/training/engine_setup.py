@@ -1,10 +1,10 @@
 """A run's model, optimizer and DeepSpeed engine, built from its config.
 
-The training loop, inference (`pretrain.inference.loading`), the profiler and the tests build them the
-same way: megatron-core shards when `parallel.tensor_parallel` > 1, DeepSpeed pipeline stages
-when `parallel.pipeline_parallel` > 1, `zero.Init` partitions under ZeRO-3, weights drawn from
-the model's own seeded generator or loaded whole before the engine exists, the fast path's
-switches applied.
+The training loop, the profiler and the tests build them the same way: this rank's model from
+`parallel.build` (megatron-core shards when `parallel.tensor_parallel` > 1, DeepSpeed pipeline
+stages when `parallel.pipeline_parallel` > 1, `zero.Init` partitions under ZeRO-3; inference
+builds it there too) with the run's switches and the training step's pipeline loss, weights
+drawn from the model's own seeded generator or loaded whole before the engine exists.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from parallel import engine as ds
-from parallel.model import LLaDAModel, no_weight_decay
+from parallel.build import build_rank_model
+from parallel.model import no_weight_decay
 from pretrain.checkpoint.weights import load_weights_only, read_model_config
 from pretrain.training.config import ConfigError, RunConfig
 from pretrain.training.step_loss import pipeline_loss
@@ -46,35 +47,15 @@ def init_from_weights(cfg: RunConfig) -> Path:
 
 
 def build_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, object]:
-    """The model for this rank (a TP shard when tensor_parallel > 1, built partitioned under
-    ZeRO-3; this rank's pipeline stage when pipeline_parallel > 1) and the `mpu` adapter
-    DeepSpeed needs for TP (None at TP 1 and for a pipeline)."""
-    layers, mpu = None, None
-    tp = cfg.parallel.tensor_parallel
-    # Weights come from the model's own seeded generator; seeding the global RNG as well keeps
-    # anything a library draws at construction (megatron-core's CPU initialisation) identical
-    # on every rank and run.
-    torch.manual_seed(cfg.train.seed)
-    pp = cfg.parallel.pipeline_parallel
-    pointwise = "compiled" if cfg.fast.compile_pointwise else "eager"
-    if tp > 1:
-        from parallel.tensor_parallel import MegatronMpu, TensorParallelLayers, initialize_groups
-        initialize_groups(tp, pp)
-        layers, mpu = TensorParallelLayers(tp), MegatronMpu()
-    if pp > 1:  # this rank's stage; DeepSpeed takes its groups from the pipeline's topology
-        from parallel.pipeline import LLaDAPipeline
-        return LLaDAPipeline(cfg.model, layers, pipeline_parallel=pp, loss_from_ce=pipeline_loss,
-                             attention_backend=cfg.train.attention_backend, init_seed=cfg.train.seed,
-                             activation_checkpointing=cfg.memory.activation_checkpointing,
-                             loss_chunk_tokens=cfg.memory.loss_chunk_tokens, pointwise=pointwise,
-                             fuse_projections=cfg.fast.fuse_projections), None
-    with ds.model_construction(ds_config, mpu, enabled=cfg.parallel.zero_init):
-        model = LLaDAModel(cfg.model, layers, attention_backend=cfg.train.attention_backend,
-                           init_seed=cfg.train.seed,
-                           activation_checkpointing=cfg.memory.activation_checkpointing,
-                           loss_chunk_tokens=cfg.memory.loss_chunk_tokens,
-                           pointwise=pointwise, fuse_projections=cfg.fast.fuse_projections)
-    return model, mpu
+    """This run's model for this rank and the `mpu` adapter (`parallel.build.build_rank_model`),
+    from the run's model, parallel, memory and fast-path sections; a pipeline stage's loss is the
+    training step's (`pipeline_loss`)."""
+    return build_rank_model(cfg.model, cfg.parallel, ds_config=ds_config, seed=cfg.train.seed,
+                            attention_backend=cfg.train.attention_backend,
+                            activation_checkpointing=cfg.memory.activation_checkpointing,
+                            loss_chunk_tokens=cfg.memory.loss_chunk_tokens,
+                            pointwise="compiled" if cfg.fast.compile_pointwise else "eager",
+                            fuse_projections=cfg.fast.fuse_projections, loss_from_ce=pipeline_loss)
 
 
 def build_engine(cfg: RunConfig, ds_config: dict, weights: Path | None = None):

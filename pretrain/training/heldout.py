@@ -4,14 +4,16 @@ A fixed set of held-out batches is scored at a fixed grid of t (the centres of `
 equal buckets of [0, 1]) with masks drawn from generators keyed only by (seed, batch, bucket),
 so two evaluations differ only because the weights differ. The mean over buckets is a
 midpoint-rule estimate of the Algorithm-1 loss (the negative ELBO bound per token); the
-per-bucket values show where the model improves. The AR baseline is scored by its
-next-token loss on the same batches.
+per-bucket values show where the model improves (`fixed_t_loss`). The AR baseline is scored
+by its next-token loss on the same batches (`next_token_loss`); the run's objective
+(`pretrain.training.objective`) picks which.
 
 The Algorithm 3 bound (`heldout_elbo`) scores whole held-out rows as answers to an empty prompt
 (in SFT: held-out responses given their prompts) with the official stratified masking: the
-same bound the evaluation reports, costlier, so it has its own period. Rows are split over the data-parallel ranks by the evaluation sampler (a
-short rank scores a dummy row), each row's draws are keyed by its index, so the value does not
-depend on the layout, and every rank runs the same number of forwards.
+same bound the evaluation reports, costlier, so it has its own period. Rows are split over the
+data-parallel ranks by the evaluation sampler (a short rank scores a dummy row), each row's
+draws are keyed by its index, so the value does not depend on the layout, and every rank runs
+the same number of forwards.
 """
 
 from __future__ import annotations
@@ -37,15 +39,11 @@ def t_grid(buckets: int) -> list[float]:
 
 
 @torch.no_grad()
-def heldout_metrics(token_ce: TokenCrossEntropy, batches: list[torch.Tensor],
-                    *, objective: str, mask_id: int, t_buckets: int, seed: int) -> dict[str, float]:
+def fixed_t_loss(token_ce: TokenCrossEntropy, batches: list[torch.Tensor],
+                 *, mask_id: int, t_buckets: int, seed: int) -> dict[str, float]:
     """{'val/loss': mean, 'val/loss_t0.05': bucket mean, ...} over the fixed batches.
 
     Every rank runs the same forwards (lockstep under ZeRO-3 and TP)."""
-    if objective == "arm":
-        losses = [ar_loss_from_ce(token_ce(batch, *next_token_targets(batch))).item()
-                  for batch in batches]
-        return {"val/loss": sum(losses) / len(losses)}
     out: dict[str, float] = {}
     for k, t in enumerate(t_grid(t_buckets)):
         total = 0.0
@@ -58,6 +56,13 @@ def heldout_metrics(token_ce: TokenCrossEntropy, batches: list[torch.Tensor],
         out[f"val/loss_t{t:.2f}"] = total / len(batches)
     out["val/loss"] = sum(out.values()) / t_buckets
     return out
+
+
+@torch.no_grad()
+def next_token_loss(token_ce: TokenCrossEntropy, batches: list[torch.Tensor]) -> dict[str, float]:
+    """{'val/loss': the AR baseline's mean next-token loss} over the fixed batches."""
+    losses = [ar_loss_from_ce(token_ce(batch, *next_token_targets(batch))).item() for batch in batches]
+    return {"val/loss": sum(losses) / len(losses)}
 
 
 @torch.no_grad()

@@ -1,9 +1,9 @@
-"""The loss of a training step's micro-batches, as the training loop computes it.
+"""The noise of a training step's micro-batches, and the pipeline engine's step.
 
-Shared by the loop (`pretrain.train`), the pipeline step and the tests and benchmarks that must
-reproduce the loop's numbers: each row's t and mask come from a generator keyed by (seed, step,
-row of the global batch), and the objective's loss (Algorithm 1, Algorithm 2 for SFT, or the
-autoregressive baseline's) goes through the engine's chunked cross-entropy.
+Shared by the objectives' micro-batch losses (`pretrain.training.objective`), the pipeline step
+and the tests and benchmarks that must reproduce the loop's numbers: each row's t and mask come
+from a generator keyed by (seed, step, row of the global batch), whatever the split of the global
+batch over ranks and micro-steps.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ import torch
 from data_pipeline.seeding import keyed_generator
 from pretrain.diffusion.objectives import (
     NoisedBatch,
-    ar_loss_from_ce,
     draw_mask,
     draw_t,
     forward_process,
-    next_token_targets,
     p_mask_of,
     pretrain_loss_from_ce,
-    sft_loss_from_ce,
     sft_noise,
 )
 from pretrain.training.config import RunConfig
@@ -50,17 +47,6 @@ def first_global_row(micro_step: int, dp_rank: int, dp_size: int, micro_batch_si
     return (micro_step * dp_size + dp_rank) * micro_batch_size
 
 
-def micro_batch_loss(engine, cfg: RunConfig, batch: torch.Tensor, mask_id: int, step: int,
-                     first_row: int, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """The objective's loss of one micro-batch: Algorithm 1, Algorithm 2 (SFT, with the rows'
-    prompt lengths) or the AR baseline's, through the engine's chunked cross-entropy."""
-    if cfg.train.objective == "arm":
-        return ar_loss_from_ce(engine(batch, *next_token_targets(batch)))
-    nb = draw_noise(batch, mask_id, cfg.train.seed, step, first_row, prompt_lengths)
-    ce = engine(nb.noisy, targets=batch, loss_mask=nb.masked)
-    return pretrain_loss_from_ce(ce, nb) if prompt_lengths is None else sft_loss_from_ce(ce, prompt_lengths, nb)
-
-
 def pipeline_loss(ce: torch.Tensor, labels: tuple) -> torch.Tensor:
     """Algorithm 1 at a pipeline's last stage; labels are (targets, masked, p_mask)."""
     _, masked, p_mask = labels
@@ -70,8 +56,9 @@ def pipeline_loss(ce: torch.Tensor, labels: tuple) -> torch.Tensor:
 def pipeline_step(engine, cfg: RunConfig, batches: list[torch.Tensor], mask_id: int, step: int,
                   dp_rank: int, dp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step of a pipeline engine (`parallel.pipeline`) over this replica's
-    micro-batches, their noise drawn as `micro_batch_loss` draws it and carried as (noisy ids,
-    (targets, masked, p_mask)). Returns (the sum of the micro-batches' losses, the largest logit)."""
+    micro-batches, their noise drawn as `objective.MaskedDiffusion.micro_batch_loss` draws it and
+    carried as (noisy ids, (targets, masked, p_mask)). Returns (the sum of the micro-batches'
+    losses, the largest logit)."""
     from parallel.pipeline import train_step
 
     micro_batches = []

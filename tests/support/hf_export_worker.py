@@ -27,14 +27,14 @@ import torch.distributed as dist
 from parallel import engine as ds
 from parallel.model_config import ModelConfig
 from parallel.topology import coordinates
+from pretrain.checkpoint.hf_export import export
 from pretrain.checkpoint.store import save_checkpoint
 from pretrain.checkpoint.weights import load_weights_only
-from pretrain.export_hf import export
-from pretrain.import_hf import import_release
 from pretrain.training.config import RunConfig
 from pretrain.training.engine_setup import build_engine, init_from_weights
+from pretrain.training.init_from_release import import_release
 from pretrain.training.layout import engine_config, resolve_layout
-from pretrain.training.step_loss import micro_batch_loss
+from pretrain.training.objective import objective_for
 
 MODEL = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
                     vocab_size=320, max_sequence_length=64)
@@ -81,7 +81,7 @@ def run_layout(out: Path, layout: str, tokenizer: Path, mask_id: int) -> None:
             group["lr"] = 1e-2  # large enough to move the weights well away from the init
         first_row = grid.dp_rank * cfg.train.micro_batch_size
         batch = data[step, first_row:first_row + cfg.train.micro_batch_size]
-        engine.backward(micro_batch_loss(engine, cfg, batch, mask_id, step, first_row))
+        engine.backward(objective_for(cfg).micro_batch_loss(engine, batch, mask_id, step, first_row))
         engine.step()
     checkpoint = save_checkpoint(
         engine, out / "checkpoints", STEPS, config=cfg.to_dict(), tokenizer_path=tokenizer,
@@ -113,7 +113,7 @@ def after_a_still_step(engine, ids, trained, cfg, batch, mask_id) -> float:
     engine.module.train()
     for group in engine.optimizer.param_groups:
         group["lr"] = 0.0
-    engine.backward(micro_batch_loss(engine, cfg, batch, mask_id, 0, 0))
+    engine.backward(objective_for(cfg).micro_batch_loss(engine, batch, mask_id, 0, 0))
     engine.step()
     diff = (logits_of(engine, ids) - trained).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)

@@ -19,13 +19,13 @@ from parallel.topology import coordinates
 
 
 def batch_hashes(loader: TokenBatchLoader, count: int) -> list[str]:
-    hashes = [hashlib.sha256(next(loader).tokens.numpy().tobytes()).hexdigest() for _ in range(count)]
+    hashes = [hashlib.sha256(next(loader).input_ids.numpy().tobytes()).hexdigest() for _ in range(count)]
     loader.close()
     return hashes
 
 
 def batch_rows(loader: TokenBatchLoader, count: int) -> list[list[list[int]]]:
-    rows = [next(loader).tokens.tolist() for _ in range(count)]
+    rows = [next(loader).input_ids.tolist() for _ in range(count)]
     loader.close()
     return rows
 

@@ -39,7 +39,8 @@ from pretrain.checkpoint.weights import load_weights
 from pretrain.diffusion.objectives import pretrain_loss_from_ce
 from pretrain.training.config import RunConfig
 from pretrain.training.engine_setup import build_optimizer
-from pretrain.training.step_loss import draw_noise, micro_batch_loss
+from pretrain.training.objective import objective_for
+from pretrain.training.step_loss import draw_noise
 
 CFG = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
                   vocab_size=128, max_sequence_length=32)
@@ -198,7 +199,7 @@ def scenario_zero3(rank: int) -> dict:
             for micro_step in range(accum):
                 first_row = (micro_step * dp_size + dp_rank) * micro
                 batch = data[step, first_row:first_row + micro]
-                loss = micro_batch_loss(engine, run, batch, MASK_ID, step, first_row)
+                loss = objective_for(run).micro_batch_loss(engine, batch, MASK_ID, step, first_row)
                 engine.backward(loss)
                 engine.step()
                 total += loss.item()

@@ -10,7 +10,7 @@ model over the same micro-batches with the same noise (the PP=1 computation).
 - "pp2" (2 ranks, PP=2): the trajectory (loss, gradient norm) and the final whole weights; the
   shapes the second stage's first layer receives; `fast.compile_pointwise` reaching every stage's
   norms, RoPE and SwiGLU (the stages are built, not run); a checkpoint at step 3 (its whole weights
-  against the reference's step-3 weights, its export to the released layout loaded by
+  against the reference's step-3 weights, its export to the released format loaded by
   `AutoModel(trust_remote_code=True)` against the pipeline's own logits), then a fresh engine
   resumed from it for steps 4-5 against the uninterrupted run. Controls: a restart from the
   checkpoint's weights only (optimizer state dropped); the shortened micro-batches padded back
@@ -209,7 +209,7 @@ def scenario_pp2(out_dir: Path, tokenizer: Path, mask_id: int) -> dict:
     if dist.get_rank() == 0:
         from safetensors.torch import load_file
         out["checkpoint_weights_3"] = weight_diff(load_file(str(checkpoint / "model.safetensors")), ref["weights_3"])
-        from pretrain.export_hf import export
+        from pretrain.checkpoint.hf_export import export
         export(checkpoint, out_dir / "hf", dtype=torch.float32, log=lambda *_: None)
         from transformers import AutoModel
         hf = AutoModel.from_pretrained(str(out_dir / "hf"), trust_remote_code=True).eval()
