@@ -25,7 +25,7 @@ from typing import NoReturn
 
 import torch
 
-COLLECTIVE_FAILED_EXIT = 6
+from pretrain.runtime.exit_codes import COLLECTIVE
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -42,10 +42,10 @@ def exit_after_collective_failure(error: BaseException, rank: int, step: int, ph
         f"rank {rank} on host {socket.gethostname()}: a collective failed at step {step} in {phase} "
         f"({type(error).__name__}: {lines[0][:400]}). A peer rank probably died or hung: the rank that "
         f"ended first is named in its launcher's log ('rank N ... killed by' or 'exited with code') "
-        f"and its own log says why. Exiting with code {COLLECTIVE_FAILED_EXIT}.\n")
+        f"and its own log says why. Exiting with code {COLLECTIVE}.\n")
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(COLLECTIVE_FAILED_EXIT)
+    os._exit(COLLECTIVE)
 
 
 def rank_log_path(out_dir: str | Path, rank: int) -> Path:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Callable
 
 from parallel.rendezvous import RendezvousError
 from pretrain.checkpoint.store import CheckpointError
+from pretrain.runtime.exit_codes import HALTED, LAUNCH, USAGE, run_command
 from pretrain.training.config import ConfigError, load_config
 from pretrain.training.loop import TrainingHalted, dry_run, run
 
@@ -53,14 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def with_exit_codes(action: Callable[[], int]) -> int:
     """`action()`'s exit code, or the code of the predictable failure it raised (its message
-    printed as one line)."""
-    try:
-        return action()
-    except (ConfigError, CheckpointError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except RendezvousError as e:
-        print(f"launch error: {e}", file=sys.stderr)
-        return 3
-    except TrainingHalted:
-        return 4  # the message is printed and logged
+    printed as one line; `pretrain.runtime.exit_codes`)."""
+    return run_command(action, {ConfigError: (USAGE, "config error"), CheckpointError: (USAGE, "config error"),
+                                RendezvousError: (LAUNCH, "launch error"),
+                                TrainingHalted: (HALTED, None)})  # the halt's message is printed and logged
