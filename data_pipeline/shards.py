@@ -133,22 +133,33 @@ def read_manifest(directory: str | os.PathLike, *, verify_sizes: bool = True) ->
     return manifest
 
 
+def checksum_error(shard: Path, expected: str, found: str) -> ShardError:
+    return ShardError(f"{shard}: sha256 {found} but the manifest records {expected}; the shard was "
+                      f"corrupted or modified since prepare: restore it or prepare the data again")
+
+
 def verify_checksum(directory: Path, info: ShardInfo) -> None:
     shard = Path(directory) / info.name
     actual = file_sha256(shard)
     if actual != info.sha256:
-        raise ShardError(f"{shard}: sha256 {actual[:16]}... does not match the manifest's "
-                         f"{info.sha256[:16]}...; the shard is corrupt: restore it or prepare the data again")
+        raise checksum_error(shard, info.sha256, actual)
 
 
-def read_shard(path: str | os.PathLike, vocab_size: int | None = None) -> list[np.ndarray]:
+def read_shard(path: str | os.PathLike, vocab_size: int | None = None,
+               sha256: str | None = None) -> list[np.ndarray]:
     """Every sample of one shard, in order, as uint32 arrays; errors name the shard and the
-    byte offset. With `vocab_size`, a token id at or above it is an error."""
+    byte offset. With `vocab_size`, a token id at or above it is an error. With `sha256`, the
+    file's bytes (read once, hashed, then decoded) must have that digest before any is decoded."""
     path = Path(path)
     samples: list[np.ndarray] = []
     offset = 0
     try:
-        with tarfile.open(path, mode="r|") as tar:
+        data = path.read_bytes()
+        if sha256 is not None:
+            found = hashlib.sha256(data).hexdigest()
+            if found != sha256:
+                raise checksum_error(path, sha256, found)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
             for member in tar:
                 offset = member.offset
                 if not member.isfile():
@@ -174,10 +185,11 @@ def read_shard(path: str | os.PathLike, vocab_size: int | None = None) -> list[n
     return samples
 
 
-def iter_shards(directory: Path, manifest: Manifest, vocab_size: int | None = None
+def iter_shards(directory: Path, manifest: Manifest, vocab_size: int | None = None, *, verify: bool = True
                 ) -> Iterator[tuple[ShardInfo, list[np.ndarray]]]:
+    """Each shard's samples in manifest order; with `verify`, each shard's sha256 is checked first."""
     for info in manifest.shards:
-        yield info, read_shard(Path(directory) / info.name, vocab_size)
+        yield info, read_shard(Path(directory) / info.name, vocab_size, info.sha256 if verify else None)
 
 
 def check_tokenizer(directory: str | os.PathLike, manifest: Manifest, tokenizer_sha256: str) -> None:

@@ -100,7 +100,7 @@ class SourceCursor:
             item_index += self.num_slots
             info = self._shard_of(item_index)
         path = self.source.directory / info.name
-        samples = read_shard(path, self.vocab_size)
+        samples = read_shard(path, self.vocab_size, info.sha256)
         self.decoded_samples += len(samples)
         decoded_tokens = sum(len(s) for s in samples)
         if len(samples) != info.samples or decoded_tokens != info.tokens:

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.seeding import keyed_generator
-from data_pipeline.shards import check_tokenizer, read_manifest
+from data_pipeline.shards import ShardError, check_tokenizer, read_manifest
 from data_pipeline.stream_state import SourceCursor, SourceData, start_position
 
 STATE_FORMAT = "llada-token-stream/3"
@@ -219,9 +219,12 @@ class TokenStream(IterableDataset):
             raise RuntimeError(f"TokenStream built for {self.config.workers} workers runs in a DataLoader "
                                f"with {loader_workers}; build it through TokenBatchLoader")
         worker = (loader_worker + self.first_worker) % loader_workers
-        stream = WorkerStream(self.sources, self.config, worker, self.worker_states[worker])
-        while True:
-            yield stream.next_batch()
+        try:
+            stream = WorkerStream(self.sources, self.config, worker, self.worker_states[worker])
+            while True:
+                yield stream.next_batch()
+        except ShardError as e:  # handed to the main process as data, so it arrives as one line
+            yield {"shard_error": str(e)}
 
 
 class TokenBatchLoader:
@@ -259,6 +262,9 @@ class TokenBatchLoader:
         if self._iterator is None:
             self._iterator = iter(self._data_loader())
         item = next(self._iterator)
+        if "shard_error" in item:
+            self._iterator = None
+            raise ShardError(item["shard_error"])
         worker = item["worker"]
         self._worker_states[worker] = item["state"]
         self._next_worker = (worker + 1) % self.config.workers

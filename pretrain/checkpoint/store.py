@@ -82,13 +82,17 @@ def published_steps(root: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
 
 
-def prune(root: Path, keep_last: int, keep_every: int) -> list[int]:
-    """Delete published checkpoints other than the newest `keep_last` and every `keep_every`-th
-    step (keep_last 0: keep all); returns the deleted steps."""
+def prune(root: Path, keep_last: int, keep_every: int, written: int | None = None) -> list[int]:
+    """Delete published checkpoints other than the newest `keep_last` not newer than `written`
+    (the step just saved, which always survives) and every `keep_every`-th step (keep_last 0: keep
+    all); steps newer than `written` belong to an abandoned continuation (a resume of an older
+    step) and are kept, never deleted here. Returns the deleted steps."""
     steps = published_steps(root)
     if keep_last <= 0:
         return []
-    keep = set(steps[-keep_last:]) | {s for s in steps if keep_every and s % keep_every == 0}
+    older = [s for s in steps if written is None or s <= written]
+    keep = set(older[-keep_last:]) | {s for s in steps if keep_every and s % keep_every == 0}
+    keep |= {s for s in steps if written is not None and s >= written}
     deleted = [s for s in steps if s not in keep]
     for s in deleted:
         shutil.rmtree(root / tag_of(s), ignore_errors=True)
@@ -116,22 +120,27 @@ def save_checkpoint(engine, root: str | Path, step: int, *, trainer_state: dict,
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         atomic_write(tmp / TRAINER_STATE, json.dumps({"step": step, **trainer_state}))
         publish(root, tmp, step)
-        prune(root, keep_last, keep_every)
+        prune(root, keep_last, keep_every, written=step)
     _barrier()
     return root / tag_of(step)
 
 
 def find_resume(root: Path, resume: str) -> Path | None:
     """`--resume auto`: the newest complete checkpoint under `root`, or None for a fresh start;
-    otherwise the checkpoint directory named (it must be complete)."""
+    otherwise the checkpoint directory named (it must be complete) or, for a checkpoints root,
+    its newest complete step."""
     if resume == "auto":
         steps = published_steps(root)
         return root / tag_of(steps[-1]) if steps else None
     path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {TRAINER_STATE}); "
-                              f"give a step_XXXXXXXX directory or 'auto'")
-    return path
+    if (path / TRAINER_STATE).is_file():
+        return path
+    steps = published_steps(path)
+    if steps:  # a checkpoints root: its newest complete step
+        return path / tag_of(steps[-1])
+    what = "does not exist" if not path.exists() else "is not a complete checkpoint or a checkpoints root"
+    raise CheckpointError(f"--resume {resume}: {path} {what}; give 'auto', a step_XXXXXXXX directory "
+                          f"(with {TRAINER_STATE}) or a checkpoints directory (its newest step)")
 
 
 def read_trainer_state(path: Path) -> dict:

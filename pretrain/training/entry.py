@@ -31,7 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(0 if the plan fits memory.gpu_memory_gib, 1 if not)")
     parser.add_argument("--resume", default=None, metavar="auto|DIR",
                         help="continue from the newest complete checkpoint ('auto'; a fresh start "
-                             "when there is none) or from a step_XXXXXXXX directory")
+                             "when there is none), a step_XXXXXXXX directory or a checkpoints "
+                             "directory (its newest step)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start fresh in a train.out_dir that holds checkpoints: the old run is "
+                             "moved to <out_dir>.replaced-<UTC timestamp> (nothing is deleted)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to plan a --dry-run for (default: $WORLD_SIZE, else 1)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
         if args.dry_run:
             return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
 
     return with_exit_codes(action)

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from parallel import engine as ds
+from pretrain.checkpoint.store import CheckpointError, find_resume, published_steps, read_trainer_state
 from pretrain.runtime.guard_rails import HangWatchdog
 from pretrain.runtime.preemption import PreemptionFlag
 from pretrain.runtime.rank_failures import exit_after_collective_failure, is_collective_failure, tee_to_rank_log
@@ -62,14 +64,60 @@ class TrainingHalted(RuntimeError):
     """The guard rails stopped the run; the message names the last good checkpoint and the fix."""
 
 
-def run(cfg: RunConfig, resume: str | None = None) -> None:
+def check_run_directory(cfg: RunConfig, resume: str | None, overwrite: bool) -> Path | None:
+    """The run directory's verdict, computed by every rank alike from the (shared) file system
+    before any process group, data or engine: a bad `--resume` or a fresh start over published
+    checkpoints without `--overwrite` raises `CheckpointError` (exit 2); a resume of a checkpoint
+    already past `train.steps` too. Returns the checkpoint `--resume` resolves to, if any."""
+    out_dir = Path(cfg.train.out_dir)
+    ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
+    if resume:
+        point = find_resume(ckpt_root, resume)
+        if point is not None and not cfg.train.epochs:
+            step = read_trainer_state(point)["step"]
+            if step > cfg.train.steps:
+                raise CheckpointError(f"{point} is already at step {step} > train.steps {cfg.train.steps}; "
+                                      f"raise train.steps to continue")
+        return point
+    if published_steps(ckpt_root) and not overwrite:
+        raise CheckpointError(f"{ckpt_root} already holds checkpoints (steps up to "
+                              f"{published_steps(ckpt_root)[-1]}): continue with --resume auto, give "
+                              f"another train.out_dir, or pass --overwrite to move the old run aside")
+    return None
+
+
+def move_aside(cfg: RunConfig) -> list[Path]:
+    """`--overwrite`: rename the used run directory (and a separate `checkpoint.dir`) to a sibling
+    `<name>.replaced-<UTC timestamp>`; nothing is deleted. Rank 0 only."""
+    out_dir = Path(cfg.train.out_dir)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved = []
+    for path in [out_dir] + ([Path(cfg.checkpoint.dir)] if cfg.checkpoint.dir else []):
+        if path.exists() and (path == out_dir or published_steps(path)) and any(path.iterdir()):
+            target = path.with_name(f"{path.name}.replaced-{stamp}")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+def run(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> None:
     quiet_libraries()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = resolve_layout(cfg, world_size)  # before any process group or allocation
-    if cfg.logging.per_rank_logs:
-        tee_to_rank_log(cfg.train.out_dir, int(os.environ.get("RANK", "0")))
+    check_run_directory(cfg, resume, overwrite)  # every rank alike, before anything is prepared
+    env_rank = int(os.environ.get("RANK", "0"))
+    moving = overwrite and not resume
+    if moving and env_rank == 0:
+        for target in move_aside(cfg):
+            print(f"--overwrite: moved the previous run to {target}", flush=True)
+    if cfg.logging.per_rank_logs and not (moving and env_rank != 0):
+        tee_to_rank_log(cfg.train.out_dir, env_rank)
     ds.init_distributed(cfg.parallel.rendezvous_timeout_s, cfg.parallel.collective_timeout_s)
     rank = torch.distributed.get_rank()
+    if moving:
+        torch.distributed.barrier()  # rank 0 has moved the old run aside
+        if cfg.logging.per_rank_logs and rank != 0:
+            tee_to_rank_log(cfg.train.out_dir, env_rank)
     Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
     preemption = PreemptionFlag()
     watchdog = HangWatchdog(cfg.guard.hang_timeout_s, rank).start()

@@ -181,7 +181,9 @@ class Trainer:
             self.log.print(note)
         if state.last_good is not None:
             self.log.log(state.step, {"resumed_from": str(state.last_good), "resume_notes": resume_notes})
-            self.log.print(f"resumed from {state.last_good}: steps {state.step + 1}..{cfg.train.steps} to run")
+            self.log.print(f"resumed from {state.last_good}: already at step {state.step} = train.steps, "
+                           f"nothing to run" if state.step >= cfg.train.steps else
+                           f"resumed from {state.last_good}: steps {state.step + 1}..{cfg.train.steps} to run")
         elif cfg.train.init_from:
             self.log.log(state.step, {"initialised_from": cfg.train.init_from})
 
