@@ -13,9 +13,10 @@ import argparse
 import os
 from typing import Callable
 
+from data_pipeline.shards import ShardError
 from parallel.rendezvous import RendezvousError
 from pretrain.checkpoint.store import CheckpointError
-from pretrain.runtime.exit_codes import HALTED, LAUNCH, USAGE, run_command
+from pretrain.runtime.exit_codes import DATA, HALTED, LAUNCH, USAGE, run_command
 from pretrain.training.config import ConfigError, load_config
 from pretrain.training.loop import TrainingHalted, dry_run, run
 
@@ -59,5 +60,5 @@ def with_exit_codes(action: Callable[[], int]) -> int:
     """`action()`'s exit code, or the code of the predictable failure it raised (its message
     printed as one line; `pretrain.runtime.exit_codes`)."""
     return run_command(action, {ConfigError: (USAGE, "config error"), CheckpointError: (USAGE, "config error"),
-                                RendezvousError: (LAUNCH, "launch error"),
+                                RendezvousError: (LAUNCH, "launch error"), ShardError: (DATA, "data error"),
                                 TrainingHalted: (HALTED, None)})  # the halt's message is printed and logged
