@@ -64,11 +64,12 @@ class TrainingHalted(RuntimeError):
     """The guard rails stopped the run; the message names the last good checkpoint and the fix."""
 
 
-def check_run_directory(cfg: RunConfig, resume: str | None, overwrite: bool) -> Path | None:
+def check_run_directory(cfg: RunConfig, resume: str | None, overwrite: bool) -> None:
     """The run directory's verdict, computed by every rank alike from the (shared) file system
     before any process group, data or engine: a bad `--resume` or a fresh start over published
     checkpoints without `--overwrite` raises `CheckpointError` (exit 2); a resume of a checkpoint
-    already past `train.steps` too. Returns the checkpoint `--resume` resolves to, if any."""
+    already past `train.steps` too. (The trainer resolves `--resume` again after the process
+    group exists, as rank 0 sees it.)"""
     out_dir = Path(cfg.train.out_dir)
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
     if resume:
@@ -78,12 +79,12 @@ def check_run_directory(cfg: RunConfig, resume: str | None, overwrite: bool) -> 
             if step > cfg.train.steps:
                 raise CheckpointError(f"{point} is already at step {step} > train.steps {cfg.train.steps}; "
                                       f"raise train.steps to continue")
-        return point
-    if published_steps(ckpt_root) and not overwrite:
+        return
+    steps = published_steps(ckpt_root)
+    if steps and not overwrite:
         raise CheckpointError(f"{ckpt_root} already holds checkpoints (steps up to "
-                              f"{published_steps(ckpt_root)[-1]}): continue with --resume auto, give "
+                              f"{steps[-1]}): continue with --resume auto, give "
                               f"another train.out_dir, or pass --overwrite to move the old run aside")
-    return None
 
 
 def move_aside(cfg: RunConfig) -> list[Path]:
