@@ -3,7 +3,8 @@
 from setuptools import find_packages, setup
 
 # In requirements.txt (the tests need them) but not needed to train: extras here.
-OPTIONAL = {"pytest": "pytest", "ruff": "ruff", "lm-eval": "lm-eval>=0.4.12"}
+OPTIONAL = {"pytest": "pytest", "ruff": "ruff", "lm-eval": "lm-eval>=0.4.12", "wandb": "wandb",
+            "mlflow-skinny": "mlflow-skinny"}
 
 setup(
     name="llada-stack",
@@ -15,5 +16,7 @@ setup(
     install_requires=[line.strip() for line in open("requirements.txt")
                       if line.strip() and not line.startswith("#")
                       and line.split(">")[0].strip() not in OPTIONAL],
-    extras_require={"test": ["pytest", "ruff"], "lm-eval": [OPTIONAL["lm-eval"]]},
+    # the experiment trackers (logging.wandb, logging.mlflow); MLflow's client alone suffices
+    extras_require={"test": ["pytest", "ruff"], "lm-eval": [OPTIONAL["lm-eval"]], "wandb": [OPTIONAL["wandb"]],
+                    "mlflow": [OPTIONAL["mlflow-skinny"]]},
 )

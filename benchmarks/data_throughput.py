@@ -6,7 +6,7 @@ worker processes, so tokens/s per worker says how many CPU-hours a corpus needs
 the stdlib corpus (about 6 MB, one document per file) with a 4096-vocabulary byte-level BPE
 trained on it; times are whole `prepare` runs (pool start, reading, tokenizing, writing shards).
 
-    python benchmarks/prepare_throughput.py
+    python benchmarks/data_throughput.py
 """
 
 from __future__ import annotations

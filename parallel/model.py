@@ -13,7 +13,8 @@ the module itself makes no parallelism decisions. Given targets it returns per-t
 cross-entropy through the head (chunked, vocabulary-parallel under TP) instead of logits, and it
 applies the configured activation checkpointing. For fast decoding it also runs with a KV cache (`past_key_values`,
 a `parallel.attention.KVCache`): a whole forward fills it, and a forward over a window of the
-sequence (`cache_position`) recomputes only the window against it.
+sequence (`cache_position`) recomputes only the window against it. `logits_positions` applies
+the final norm and the head at selected positions only (a sampler needs the current block's).
 """
 
 from __future__ import annotations
@@ -239,7 +240,8 @@ def run_block(block: nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None,
 
 
 class LLaDAModel(nn.Module):
-    """Token ids [b, s] -> fp32 logits [b, s, vocab], or per-token cross-entropy [b, s] when
+    """Token ids [b, s] -> logits [b, s, vocab] in the model's dtype (a bf16 model's are bf16, as
+    the official model's: the sampler's confidences follow them), or fp32 per-token cross-entropy [b, s] when
     `targets` are given (through the chunked, possibly vocabulary-parallel head).
     `attention_mask` (None or [b, s], 1 at real tokens) is for batched inference over padded
     rows: each row's real tokens then compute what they compute alone.
@@ -251,6 +253,11 @@ class LLaDAModel(nn.Module):
     are recomputed, at their absolute RoPE positions, attending to every position (cached keys
     and values elsewhere, their own fresh ones, which replace the cached ones); the logits are
     the window's [b, w, vocab], and `attention_mask` is still the whole sequence's [b, s].
+
+    logits_positions (inference, with or without a cache): None, a slice or a 1-D LongTensor of
+    indices along input_ids' sequence dimension (the window's, with a cache window); the final
+    norm and the head (vocabulary shards gathered under TP) run only there, so the logits are
+    [b, len(positions), vocab] and equal the whole logits at those positions.
 
     init_seed: weights drawn from a generator with this seed (the same weights at every
     tensor-parallel size); None leaves them to be loaded. After a forward with targets,
@@ -296,8 +303,12 @@ class LLaDAModel(nn.Module):
                 loss_mask: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None,
-                cache_position: torch.Tensor | None = None) -> torch.Tensor:
+                cache_position: torch.Tensor | None = None,
+                logits_positions: slice | torch.Tensor | None = None) -> torch.Tensor:
         t = self.model.transformer
+        if targets is not None and logits_positions is not None:
+            raise ValueError("logits_positions selects logits: with targets the loss covers every "
+                             "position (weight positions through loss_mask)")
         if past_key_values is None:
             if cache_position is not None:
                 raise ValueError("cache_position places a window in a KV cache: pass past_key_values too")
@@ -309,17 +320,17 @@ class LLaDAModel(nn.Module):
             if targets is not None:
                 raise ValueError("a KV cache is for inference: pass targets or past_key_values, not both")
             x = self._cached_blocks(input_ids, attention_mask, past_key_values, cache_position)
-        x = t.ln_f(x)
+        x = t.ln_f(at_positions(x, logits_positions))
         if self.config.weight_tying:
             logits_fn = functools.partial(F.linear, weight=t.wte.weight)
             if targets is None:
-                return logits_fn(x).float()
+                return logits_fn(x)
             ce, self.max_logit = chunked_token_cross_entropy(
                 x, targets, loss_mask, logits_fn=logits_fn, chunk_tokens=0,
                 ce_fn=lambda logits, y: F.cross_entropy(logits.float(), y, reduction="none"))
             return ce
         if targets is None:
-            return self.layers.gather_vocab(t.ff_out(x)).float()
+            return self.layers.gather_vocab(t.ff_out(x))
         ce = t.ff_out(x, targets=targets, loss_mask=loss_mask)
         self.max_logit = t.ff_out.max_logit
         return ce
@@ -368,6 +379,22 @@ def _window_start(cache: KVCache, cache_position: torch.Tensor | None, input_ids
         raise ValueError(f"the KV cache holds {cache.keys[0].shape[0]} rows, input_ids {b}: "
                          f"a cache serves the batch that filled it")
     return start
+
+
+def at_positions(x: torch.Tensor, logits_positions: slice | torch.Tensor | None) -> torch.Tensor:
+    """x [b, s, ...] at logits_positions along the sequence: None (all of it), a slice or a 1-D
+    LongTensor of indices."""
+    if logits_positions is None:
+        return x
+    if isinstance(logits_positions, slice):
+        return x[:, logits_positions]
+    if (not isinstance(logits_positions, torch.Tensor) or logits_positions.dim() != 1
+            or logits_positions.dtype != torch.long):
+        got = (f"a {logits_positions.dim()}-D {logits_positions.dtype} tensor"
+               if isinstance(logits_positions, torch.Tensor) else type(logits_positions).__name__)
+        raise ValueError(f"logits_positions must be None, a slice or a 1-D LongTensor of sequence "
+                         f"indices, got {got}")
+    return x[:, logits_positions.to(x.device)]
 
 
 def _padding(attention_mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device):

@@ -39,6 +39,7 @@ from parallel.memory_plan import CHECKPOINTING
 from parallel.model import (
     LLaDABlock,
     RotaryEmbedding,
+    at_positions,
     final_norm,
     lm_head,
     run_block,
@@ -247,11 +248,12 @@ class LLaDAPipeline(PipelineModule):
 
 class PipelineForward:
     """The whole model's forward over a pipeline, called alike on every rank, for validation
-    and sampling: as `LLaDAModel.forward`, fp32 logits [b, s, vocab] (vocabulary gathered), or
+    and sampling: as `LLaDAModel.forward`, logits [b, s, vocab] in the model's dtype (vocabulary gathered), or
     with targets the per-token cross-entropy [b, s] through the chunked head, returned on every
     rank. Each stage runs its layers on what the previous stage sends (the full hidden state)
-    and the last stage broadcasts the result over the pipeline group. No gradients; no padding
-    mask and no KV cache (the stages run the blocks unmasked)."""
+    and the last stage broadcasts the result over the pipeline group. `logits_positions` as in
+    `LLaDAModel.forward`: the head runs at those positions only. No gradients; no padding mask
+    and no KV cache (the stages run the blocks unmasked)."""
 
     def __init__(self, module: LLaDAPipeline):
         self.module = module
@@ -263,7 +265,9 @@ class PipelineForward:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                  loss_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 **unsupported) -> torch.Tensor:
+                 logits_positions: slice | torch.Tensor | None = None, **unsupported) -> torch.Tensor:
+        if targets is not None and logits_positions is not None:
+            raise ValueError("logits_positions selects logits: with targets the loss covers every position")
         if unsupported or (attention_mask is not None and not bool(attention_mask.bool().all())):
             raise ValueError(f"a pipeline's forward takes unpadded ids and no KV cache (got "
                              f"{sorted(unsupported) or 'a padding attention_mask'}); load the "
@@ -271,6 +275,8 @@ class PipelineForward:
         dist, module, grid = torch.distributed, self.module, self.module._grid
         stage, last = grid.get_stage_id(), module.num_stages - 1
         b, s = input_ids.shape
+        # checked and counted alike on every stage (a last stage's error would leave others waiting)
+        kept = at_positions(torch.arange(s, device=input_ids.device)[None], logits_positions).shape[1]
         x = input_ids
         if stage > 0:
             x = torch.empty(b, s, module.config.d_model, device=input_ids.device,
@@ -279,12 +285,12 @@ class PipelineForward:
         x = module(x)
         if stage < last:
             dist.send(x.contiguous(), dst=grid.stage_to_global(stage + 1))
-            out = torch.empty((b, s) if targets is not None else (b, s, module.config.vocab_size),
-                              dtype=torch.float32, device=input_ids.device)
+            out = torch.empty((b, s) if targets is not None else (b, kept, module.config.vocab_size),
+                              dtype=torch.float32 if targets is not None else x.dtype, device=input_ids.device)
         else:
             head = module.forward_funcs[-1].ff_out
             out = (head(x, targets=targets, loss_mask=loss_mask) if targets is not None
-                   else module.gather_vocab(head(x)).float()).contiguous()
+                   else module.gather_vocab(head(at_positions(x, logits_positions)))).contiguous()
         dist.broadcast(out, src=grid.stage_to_global(last), group=grid.get_pipe_parallel_group())
         return out
 

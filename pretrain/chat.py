@@ -5,7 +5,8 @@ message as `<|start_header_id|>role<|end_header_id|>\\n\\n content<|eot_id|>`, t
 assistant header), samples the answer with the reverse process, cuts it at the first EOS or
 EoT, and keeps its text as the assistant message of the next turn. Lines starting with `/`
 are commands: `/reset` forgets the dialogue, `/quit` (or end of input) leaves. One process;
-the model is loaded as `pretrain.generate` loads it.
+the model is loaded as `pretrain.generate` loads it, and a bad flag or path is one line on
+stderr and exit code 2 (the README's exit-code table).
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ import torch
 from data_pipeline.seeding import keyed_generator
 from data_pipeline.sft import ChatTemplate
 from pretrain.diffusion.sampling import generate, strip_at_eos
-from pretrain.inference.flags import add_model_flags, add_sampler_flags, open_model, sampler_config
+from pretrain.inference.flags import (
+    add_model_flags,
+    add_sampler_flags,
+    open_model,
+    run_sampling_command,
+    sampler_config,
+)
 from pretrain.inference.loading import InferenceModel
+from pretrain.runtime.exit_codes import UsageError
 
 
 def answer(model: InferenceModel, dialogue: list[dict], config, seed: int, turn: int) -> str:
@@ -39,10 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     add_model_flags(parser)
     add_sampler_flags(parser)
     args = parser.parse_args(argv)
+    return run_sampling_command("chat", lambda: converse(args))
+
+
+def converse(args: argparse.Namespace) -> int:
+    """Answer every line of stdin until /quit or the end of input."""
     config = sampler_config(args)
     model = open_model(args)
     if model.distributed:
-        raise SystemExit("chat runs in one process; use pretrain.generate under a launcher")
+        raise UsageError("chat runs in one process; use pretrain.generate under a launcher")
     opening = [{"role": "system", "content": args.system}] if args.system else []
     dialogue = list(opening)
     interactive = sys.stdin.isatty()

@@ -1,5 +1,8 @@
 """Evaluate a LLaDA model on benchmark files: `python -m pretrain.evaluate --model DIR --tasks TASKS.yaml`.
 
+`--preset NAME --data FILE.jsonl` instead of `--tasks` runs one task under an official protocol
+(`pretrain/evaluation/presets.py`: the settings of a row of the official evaluation table).
+
 DIR is a training checkpoint or a released-format directory (as for `pretrain.generate`); TASKS.yaml
 lists multiple-choice and generation tasks over JSONL files (schema and scoring rules:
 `pretrain/evaluation/tasks.py`; an annotated example: `recipes/eval_tasks.yaml`). The task file and every
@@ -22,7 +25,8 @@ is sharded (ZeRO-3 by default, `--tensor-parallel`) and every forward is a colle
 rank runs the same number of forwards (Algorithm 3 makes mc_num // batch_size per pair; the
 sampler's early stop is agreed by an all-reduce), and the results are gathered in example order.
 Rank 0 prints a table (task, type, n, metric, value) and writes `--out` JSON: per task the
-metrics, the settings, the forwards each rank ran, and one record per example.
+metrics, the settings, the forwards each rank ran, and one record per example. A bad flag, path,
+task file or data row is one line on stderr and exit code 2 (the README's exit-code table).
 """
 
 from __future__ import annotations
@@ -33,34 +37,42 @@ import sys
 from pathlib import Path
 
 from parallel import engine as ds
+from pretrain.evaluation.presets import get_preset, task_entry
 from pretrain.evaluation.scoring import format_table, run_task
-from pretrain.evaluation.tasks import TaskFileError, load_tasks, read_examples
-from pretrain.inference.flags import add_model_flags, open_model
+from pretrain.evaluation.tasks import TaskFileError, load_tasks, parse_tasks, read_examples
+from pretrain.inference.flags import add_model_flags, open_model, run_sampling_command
+from pretrain.runtime.exit_codes import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", required=True, help="YAML list of tasks (see recipes/eval_tasks.yaml)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tasks", help="YAML list of tasks (see recipes/eval_tasks.yaml)")
+    source.add_argument("--preset", help="an official protocol by name (pretrain/evaluation/presets.py) "
+                                         "over the task's data (--data)")
+    parser.add_argument("--data", help="with --preset: the task's JSONL (prompts hold the preset's few-shot examples)")
+    parser.add_argument("--stop", action="append", help="with --preset, a generation task: a stop string (repeatable)")
+    parser.add_argument("--extract", help="with --preset, a generation task: 'number', or a regex whose group 1 "
+                                          "is the answer")
     parser.add_argument("--limit", type=int, help="score only the first N examples of each task")
     parser.add_argument("--out", help="write metrics, settings and per-example records here (JSON)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the Monte Carlo masks and the sampler")
     add_model_flags(parser)
     args = parser.parse_args(argv)
+    return run_sampling_command("evaluate", lambda: evaluate(args), usage_errors=(TaskFileError,))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Score every task, print the table and write --out (rank 0)."""
     if args.limit is not None and args.limit < 1:
-        raise SystemExit("evaluate: --limit must be a positive number of examples")
-    try:
-        tasks = load_tasks(args.tasks)
-        data = {task.name: read_examples(task, args.limit) for task in tasks}
-    except TaskFileError as error:
-        raise SystemExit(f"evaluate: {error}") from None
+        raise UsageError(f"--limit {args.limit}: give a positive number of examples")
+    tasks = load_tasks(args.tasks) if args.tasks else preset_tasks(args)
+    data = {task.name: read_examples(task, args.limit) for task in tasks}
     model = open_model(args)
     rank0 = ds.rank() == 0
     results = {}
     for task in tasks:
-        try:
-            results[task.name] = run_task(model, task, data[task.name], args.seed)
-        except TaskFileError as error:
-            raise SystemExit(f"evaluate: {error}") from None
+        results[task.name] = run_task(model, task, data[task.name], args.seed)
         if rank0:
             r = results[task.name]
             print(f"evaluate: {task.name}: {r['n']} examples, {r['forwards_per_rank'][0]} forwards per rank, "
@@ -68,13 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     if rank0:
         print(format_table(results), flush=True)
         if args.out:
-            report = {"model": str(args.model), "tasks_file": str(args.tasks), "limit": args.limit,
+            report = {"model": str(args.model), "tasks_file": args.tasks, "preset": args.preset, "limit": args.limit,
                       "seed": args.seed, "world_size": ds.world_size(), "dp_size": model.dp_size, "tasks": results}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if model.distributed:
         ds.exit_together(0)
     return 0
+
+
+def preset_tasks(args: argparse.Namespace) -> list:
+    """The one task `--preset NAME --data FILE` stands for."""
+    if not args.data:
+        raise UsageError(f"--preset {args.preset}: give the task's JSONL with --data FILE")
+    data_settings = {key: value for key, value in (("stop", args.stop), ("extract", args.extract)) if value}
+    entry = task_entry(get_preset(args.preset), str(Path(args.data).resolve()), **data_settings)
+    return parse_tasks([entry], Path.cwd() / f"--preset {args.preset}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ field, the stand-alone `configuration_llada.py` / `modeling_llada.py`, safetenso
 `model.safetensors.index.json` under the released tensor names, tokenizer files and
 `generation_config.json`. Tensors stream one at a time (host memory stays near a few times the
 largest tensor), and the directory appears under its name only once complete. The export itself
-is `pretrain.checkpoint.hf_export`.
+is `pretrain.checkpoint.hf_export`. A bad path, an occupied --out or a checkpoint that is not a
+model is one line on stderr and exit code 2 (the README's exit-code table).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import sys
 import torch
 
 from pretrain.checkpoint.hf_export import export, unfinished
-from pretrain.checkpoint.hf_format import FormatError
 from pretrain.checkpoint.safetensors_stream import parse_size
+from pretrain.checkpoint.weights import WEIGHTS_ERRORS
+from pretrain.runtime.exit_codes import USAGE, UsageError, command_failures, run_command
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -40,14 +42,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="export only a checkpoint of its run's last step (train.steps); for an "
                              "earlier one (a preempted run) say so and exit 0 without writing")
     args = parser.parse_args(argv)
+    return run_command(lambda: export_checkpoint(args),
+                       command_failures("export_hf", dict.fromkeys((UsageError, FileExistsError, *WEIGHTS_ERRORS),
+                                                                   USAGE)))
+
+
+def export_checkpoint(args: argparse.Namespace) -> int:
+    """Export --checkpoint to --out (or, with --if-finished, say why not)."""
     try:
-        if args.if_finished and (reason := unfinished(args.checkpoint)):
-            print(f"export skipped: {reason}")
-            return 0
-        export(args.checkpoint, args.out, DTYPES[args.dtype], parse_size(args.max_shard_size))
-    except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"export error: {e}", file=sys.stderr)
-        return 2
+        max_shard_bytes = parse_size(args.max_shard_size)
+    except ValueError as error:
+        raise UsageError(f"--max-shard-size: {error}") from None
+    if args.if_finished and (reason := unfinished(args.checkpoint)):
+        print(f"export skipped: {reason}")
+        return 0
+    export(args.checkpoint, args.out, DTYPES[args.dtype], max_shard_bytes)
     return 0
 
 

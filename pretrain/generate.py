@@ -16,7 +16,8 @@ with each token coloured by the step that revealed it (`pretrain/inference/denoi
 Under a launcher (`torchrun --nproc_per_node N -m pretrain.generate ...` or `deepspeed`) the
 model is sharded (ZeRO-3 by default, `--tensor-parallel`), prompts are split over the
 data-parallel ranks with dummy padding, every rank runs the same number of forwards, and rank 0
-prints the results in prompt order.
+prints the results in prompt order. A bad flag, path or prompts file is one line on stderr and
+exit code 2 (every command's codes: the README's exit-code table).
 """
 
 from __future__ import annotations
@@ -30,33 +31,66 @@ from data_pipeline.sft import ChatTemplate
 from parallel import engine as ds
 from pretrain.inference.batched import sample_prompts
 from pretrain.inference.denoising_view import DenoisingView, write_html, write_png
-from pretrain.inference.flags import add_model_flags, add_sampler_flags, open_model, sampler_config
+from pretrain.inference.flags import (
+    add_model_flags,
+    add_sampler_flags,
+    open_model,
+    run_sampling_command,
+    sampler_config,
+)
 from pretrain.inference.loading import InferenceModel
+from pretrain.runtime.exit_codes import UsageError
+
+PROMPTS_FILE_FORMS = 'give a text file (one prompt per line) or a .jsonl file of {"prompt": TEXT} objects'
 
 
-def read_prompts(args: argparse.Namespace, model: InferenceModel) -> list[list[int]]:
-    tok = model.tokenizer
+def token_ids(text: str) -> list[int]:
+    """`--prompt-ids 1,2,3` as a list (argparse turns the ValueError into a usage error, exit 2)."""
+    return [int(i) for i in text.split(",")]
+
+
+def prompt_texts(args: argparse.Namespace) -> list[str]:
+    """The text prompts: every --prompt, then the lines of --prompts-file (read before the model loads)."""
     texts = list(args.prompt or [])
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        if path.suffix == ".jsonl":
-            for number, line in enumerate(lines, start=1):
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                    raise SystemExit(f"{path}:{number}: expected an object with a string field 'prompt'")
-                texts.append(record["prompt"])
-        else:
-            texts.extend(lines)
+        texts += read_prompts_file(Path(args.prompts_file))
+    return texts
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """Its non-empty lines, or of a .jsonl file each line's 'prompt'; a bad file or line is a `UsageError`
+    naming it (file:line) and the accepted forms."""
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a file"
+        raise UsageError(f"--prompts-file {path} {what}; {PROMPTS_FILE_FORMS}")
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    if path.suffix != ".jsonl":
+        return [line for _, line in lines]
+    texts = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--prompts-file {path}:{number}: not valid JSON ({error.msg}); "
+                             f"{PROMPTS_FILE_FORMS}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UsageError(f"--prompts-file {path}:{number}: expected an object with a string field 'prompt'")
+        texts.append(record["prompt"])
+    return texts
+
+
+def encode_prompts(texts: list[str], args: argparse.Namespace, model: InferenceModel) -> list[list[int]]:
+    """Token ids of the text prompts (wrapped in the chat template with --chat), then --prompt-ids."""
+    tok = model.tokenizer
     if args.chat:
         chat = ChatTemplate(tok)
         prompts = [chat.prompt([{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tok.encode(t) for t in texts]
     if args.prompt_ids:
-        prompts.append([int(i) for i in args.prompt_ids.split(",")])
+        prompts.append(args.prompt_ids)
     if not prompts or any(not p for p in prompts):
-        raise SystemExit("generate: give non-empty prompts (--prompt, --prompts-file or --prompt-ids)")
+        raise UsageError("give non-empty prompts (--prompt, --prompts-file or --prompt-ids)")
     return prompts
 
 
@@ -64,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="one prompt per line, or .jsonl with a 'prompt' field")
-    parser.add_argument("--prompt-ids", help="a prompt as comma-separated token ids")
+    parser.add_argument("--prompt-ids", type=token_ids, help="a prompt as comma-separated token ids")
     parser.add_argument("--chat", action="store_true",
                         help="wrap prompts in the chat template; answers end at the first EoT")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -75,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     add_model_flags(parser)
     add_sampler_flags(parser)
     args = parser.parse_args(argv)
+    return run_sampling_command("generate", lambda: generate(args))
+
+
+def generate(args: argparse.Namespace) -> int:
     config = sampler_config(args)
+    texts = prompt_texts(args)
     model = open_model(args)
-    prompts = read_prompts(args, model)
+    prompts = encode_prompts(texts, args, model)
     results = sample_prompts(model, prompts, config, args.batch_size, key=(args.seed, "generate"),
                              cut_at_eot=args.chat)
     if not model.distributed:

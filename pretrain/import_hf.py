@@ -14,7 +14,9 @@ checks what it can up front: names and shapes against the model (every mismatch 
 the architecture fields of config.json, the tokenizer's special ids against config.json, and
 the run config's layout (tensor-parallel divisibility) and model section, if one is given.
 Tensors stream one at a time; the directory appears only once complete. The import itself is
-`pretrain.training.init_from_release`.
+`pretrain.training.init_from_release`. A bad path, config, occupied --out or a release that does
+not fit is reported on stderr (one line, or one problem per line) with exit code 2 (the README's
+exit-code table).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pretrain.checkpoint.hf_format import FormatError
+from pretrain.checkpoint.weights import WEIGHTS_ERRORS
+from pretrain.runtime.exit_codes import USAGE, command_failures, run_command
 from pretrain.training.config import ConfigError, load_config
 from pretrain.training.init_from_release import import_release
 
@@ -35,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
                         "its model section must be the release's")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides of --config")
     args = parser.parse_args(argv)
-    try:
-        run = load_config(args.config, args.overrides, check_paths=False)
-        import_release(args.hf, args.out, run, check_model=args.config is not None)
-    except (ConfigError, FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"import error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: import_checkpoint(args),
+                       command_failures("import_hf", dict.fromkeys((ConfigError, FileExistsError, *WEIGHTS_ERRORS),
+                                                                   USAGE)))
+
+
+def import_checkpoint(args: argparse.Namespace) -> int:
+    run = load_config(args.config, args.overrides, check_paths=False)
+    import_release(args.hf, args.out, run, check_model=args.config is not None)
     return 0
 
 

@@ -8,7 +8,7 @@ executed TFLOP/s per device, MFU (or "unknown" on a device without a known peak:
 `--peak-tflops` gives one), peak memory, and the step time split into data wait, forward,
 backward, optimizer, communication and the rest. Runs on CPU, and under a launcher (rank 0
 prints). It appends to `<train.out_dir>/metrics.jsonl`: point train.out_dir away from a real
-run's directory.
+run's directory. Exit codes are the train command's (the README's exit-code table).
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import json
 import sys
 from pathlib import Path
 
+from data_pipeline.shards import ShardError
 from parallel import engine as ds
+from parallel.rendezvous import RendezvousError
+from pretrain.checkpoint.store import CheckpointError
+from pretrain.runtime.exit_codes import DATA, HALTED, LAUNCH, USAGE, command_failures, run_command
 from pretrain.runtime.flops import model_flops_per_token
 from pretrain.runtime.throughput import PHASES, peak_memory_gib
-from pretrain.training.config import RunConfig, load_config
-from pretrain.training.entry import with_exit_codes
-from pretrain.training.loop import run
+from pretrain.training.config import ConfigError, RunConfig, load_config
+from pretrain.training.loop import TrainingHalted, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,7 +120,10 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return with_exit_codes(lambda: profile(parse_args(argv)))
+    args = parse_args(argv)
+    failures = command_failures("profile", {ConfigError: USAGE, CheckpointError: USAGE, RendezvousError: LAUNCH,
+                                            ShardError: DATA})
+    return run_command(lambda: profile(args), {**failures, TrainingHalted: (HALTED, None)})  # it reports itself
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ of 8 keys has a fixed value. A few seconds of SFT-style training (prompt never m
 
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -196,14 +197,18 @@ def test_two_ranks_match_one_process(trained, tmp_path, subprocess_env, layout, 
     assert "mc" in proc.stdout and "exact_match" in proc.stdout
 
 
-def test_task_file_errors_name_the_task_file_and_field(tmp_path):
+def test_task_file_errors_name_the_task_file_and_field(tmp_path, capsys):
     data = write_jsonl(tmp_path / "data.jsonl", [{"context": "a", "choices": [" b", " c"], "answer": 1}])
+
+    def refused(argv: list[str], match: str):
+        assert evaluate.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("evaluate error: ") and err.count("\n") == 1 and re.search(match, err), err
 
     def fails(task: dict, match: str):
         tasks = write_tasks(tmp_path / "tasks.yaml", [{"name": "arc", "type": "multiple_choice",
                                                        "path": data.name, **task}])
-        with pytest.raises(SystemExit, match=match):
-            evaluate.main(["--model", str(tmp_path / "unused"), "--tasks", str(tasks)])
+        refused(["--model", str(tmp_path / "unused"), "--tasks", str(tasks)], match)
 
     fails({"mc_nmu": 8}, r"task 'arc': unknown field 'mc_nmu'; did you mean 'mc_num'\?")
     fails({"mc_num": 10, "batch_size": 4},
@@ -219,13 +224,12 @@ def test_task_file_errors_name_the_task_file_and_field(tmp_path):
     fails({}, r"data.jsonl:1: not valid JSON")
     tasks = write_tasks(tmp_path / "gen.yaml", [{"name": "gsm", "type": "generation", "path": data.name,
                                                  "gen_length": 16, "block_length": 5}])
-    with pytest.raises(SystemExit,
-                       match=r"task 'gsm': sampler settings: block_length 5 must divide gen_length 16"):
-        evaluate.main(["--model", str(tmp_path), "--tasks", str(tasks)])
+    refused(["--model", str(tmp_path), "--tasks", str(tasks)],
+            r"task 'gsm': sampler settings: block_length 5 must divide gen_length 16")
     write_tasks(tmp_path / "gen.yaml", [{"name": "gsm", "type": "generation", "path": data.name,
                                          "extract": "answer is \\d+"}])
-    with pytest.raises(SystemExit, match=r"task 'gsm': field 'extract' .* a group around the answer"):
-        evaluate.main(["--model", str(tmp_path), "--tasks", str(tasks)])
+    refused(["--model", str(tmp_path), "--tasks", str(tasks)],
+            r"task 'gsm': field 'extract' .* a group around the answer")
 
 
 def test_example_recipe_validates():
@@ -261,3 +265,26 @@ def test_stops_extraction_the_continuation_split_chat_and_limit(trained, tmp_pat
     (prompt,) = scoring.prompt_ids(tok, task, examples)
     special = tok.special_ids
     assert prompt[:2] == [special["bos"], special["start_header"]] and special["eot"] in prompt
+
+
+def test_preset_runs_the_official_protocol(trained, tmp_path):
+    """`--preset mmlu-base --data FILE` is the task file the preset stands for (mc_num 1 in
+    batches of 1, no guidance): the same settings and predictions as that task written out."""
+    rows = choice_rows(random.Random(3), 4)
+    write_jsonl(tmp_path / "mc.jsonl", rows)
+    tasks = write_tasks(tmp_path / "tasks.yaml", [
+        {"name": "mmlu-base", "type": "multiple_choice", "path": "mc.jsonl", "mc_num": 1, "batch_size": 1,
+         "cfg_scale": 0.0}])
+    model = ["--model", str(trained["ckpt"])]
+    assert evaluate.main([*model, "--preset", "mmlu-base", "--data", str(tmp_path / "mc.jsonl"),
+                          "--out", str(tmp_path / "preset.json")]) == 0
+    assert evaluate.main([*model, "--tasks", str(tasks), "--out", str(tmp_path / "file.json")]) == 0
+    preset, written = (json.loads((tmp_path / f"{name}.json").read_text())["tasks"]["mmlu-base"]
+                       for name in ("preset", "file"))
+    assert preset["settings"] == written["settings"]
+    assert [r["prediction"] for r in preset["examples"]] == [r["prediction"] for r in written["examples"]]
+    assert preset["forwards_per_rank"] == [sum(len(r["choices"]) for r in rows)]  # one forward per choice
+    # control: another preset is another protocol (mc_num 128 in batches of 8, cfg 0.5)
+    arc = evaluate.preset_tasks(evaluate.argparse.Namespace(preset="arc_c-base", data=str(tmp_path / "mc.jsonl"),
+                                                            stop=None, extract=None))
+    assert arc[0].settings["mc_num"] == 128 and arc[0].settings != preset["settings"]

@@ -15,6 +15,11 @@
   change), or with the window's positions off by one (17 change), does not. On two layers the
   block-start cache is an approximation (window logits move once the block fills in), and
   threshold decoding reveals several tokens per step, at least one per step.
+- cfg with a cache on the left-padded batch: the guided batch [x; unconditional] is cached as
+  one batch, so a cache refreshed every step with threshold 1.0 gives exact cfg decoding's tokens
+  and reveal steps bit for bit (refreshed at block starts only, or without guidance, they move:
+  controls). (Toy-model tests of threshold decoding with the EOS flags, early stop and bf16
+  confidences: `test_sampling.py`.)
 - `pretrain.evaluate` takes the settings from a task file: the copy task scored with threshold
   decoding and the dual cache answers as exact decoding does, in fewer forwards.
 - Settings the sampler, a task file or the model cannot honour are refused with messages
@@ -145,6 +150,19 @@ def test_threshold_one_and_a_cache_refreshed_every_step_equal_exact_decoding(cop
         assert same(decode(model, tok, prompts, refreshed), exact), cache
         block_starts = SamplerConfig(**{**threshold_one.__dict__, "cache": cache})  # control
         assert not same(decode(model, tok, prompts, block_starts), exact), cache
+
+
+def test_cfg_with_a_cache_refreshed_every_step_equals_exact_cfg_decoding(copy_models):
+    tok, models, prompts = copy_models
+    model = models[2]
+    guided = SamplerConfig(**{**EXACT.__dict__, "cfg_scale": 1.0})
+    exact = decode(model, tok, prompts, guided)
+    assert not same(exact, decode(model, tok, prompts, EXACT))  # premise: guidance moves the decode
+    for cache in ("prefix", "dual"):
+        block_starts = SamplerConfig(**{**guided.__dict__, "threshold": 1.0, "cache": cache})
+        every_step = SamplerConfig(**{**block_starts.__dict__, "cache_refresh_every": 1})
+        assert same(decode(model, tok, prompts, every_step), exact), cache
+        assert not same(decode(model, tok, prompts, block_starts), exact), cache  # control
 
 
 def test_one_layer_cache_is_exact_and_stale_or_shifted_caches_are_not(copy_models):

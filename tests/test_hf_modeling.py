@@ -9,15 +9,25 @@ must read and write every field of the released LLaDA-8B config.json. Its KV cac
 decoding): a window computed against a cache of the same sequence gives the whole forward's
 logits and the training model's cached logits (a foreign cache moves them: control), and the
 sampler through it gives its uncached tokens when refreshed every step and the training
-model's tokens when refreshed at block starts.
+model's tokens when refreshed at block starts. Its forward warns about nothing (Python warnings
+and transformers' log records, `warning_once` included), with and without the cache, under the
+installed transformers; control: transformers' own output class warns there when handed the
+cache under its old name. Logits at selected positions (`logits_positions`) equal the whole
+logits at those positions, with a padding mask and with the cache; control: other positions'
+logits differ.
 """
 
+import contextlib
 import copy
+import dataclasses
 import json
+import logging
 import warnings
 
 import pytest
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging as hf_logging
 
 from parallel.attention import KVCache
 from parallel.model import LLaDAModel
@@ -366,3 +376,110 @@ def test_sampling_through_the_cache():
     assert torch.equal(a.ids, b.ids) and torch.equal(a.reveal_step, b.reveal_step)
     assert torch.equal(c.ids, d.ids) and torch.equal(c.reveal_step, d.reveal_step)
     assert not torch.equal(a.ids, c.ids)  # premise: the block-start cache is an approximation here
+
+
+# ---------------------------------------------------------------------------------------------
+# h. No warnings
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _everything_warned():
+    """The Python warnings and transformers' log records (WARNING and above) raised inside, as
+    strings. transformers' `warning_once` remembers what it already said in this process: its
+    memory is cleared first, so a message said earlier still shows."""
+    said = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(f"{record.name}: {record.getMessage()}")
+    logger, verbosity = hf_logging.get_logger(), hf_logging.get_verbosity()
+    logging.Logger.warning_once.cache_clear()
+    hf_logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield said
+        said.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+    finally:
+        logger.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
+
+
+def test_forward_warns_about_nothing_with_and_without_the_cache():
+    _, hf = _pair()
+    ids = _ids(2, 12, seed=11)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad(), _everything_warned() as said:
+        hf(ids).logits
+        hf(ids, attention_mask=mask, use_cache=False, output_hidden_states=True).hidden_states
+        out = hf(ids, attention_mask=mask, use_cache=True)
+        assert out.past_key_values is out.cache and out["cache"] is out.cache
+        window = hf(ids[:, 4:8], attention_mask=mask, past_key_values=out.past_key_values,
+                    cache_position=torch.arange(4, 8), logits_positions=torch.tensor([0, 3]))
+        window.logits, window.past_key_values
+        hf(ids, past_key_values=LLaDAKVCache(), return_dict=False)
+        hf(ids, logits_positions=slice(2, 6)).to_tuple()
+    assert said == []
+
+
+def test_the_capture_sees_transformers_deprecation_of_the_old_cache_name():
+    """Control: the output class this code used before, handed the cache as `past_key_values`,
+    warns under transformers versions that renamed the field to `cache` (5.24 on), and does so
+    in every capture, not only the first of the process."""
+    if "cache" not in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}:
+        pytest.skip("this transformers version has no cache rename to warn about")
+    for _ in range(2):
+        with _everything_warned() as said:
+            CausalLMOutputWithPast(logits=torch.zeros(1), past_key_values=LLaDAKVCache())
+        assert any("past_key_values" in line and "deprecated" in line for line in said), said
+
+
+# ---------------------------------------------------------------------------------------------
+# i. Logits at selected positions
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weight_tying", [False, True])
+def test_logits_at_positions_equal_the_whole_logits_there(weight_tying):
+    _, hf = _pair(weight_tying)
+    ids = _ids(2, 16, seed=12)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    picked = torch.tensor([9, 3, 15, 9])  # unsorted, repeated
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            whole = hf(ids, attention_mask=attention_mask).logits
+            at = hf(ids, attention_mask=attention_mask, logits_positions=picked).logits
+            assert at.shape == (2, 4, SHAPE["vocab_size"])
+            torch.testing.assert_close(at, whole[:, picked], atol=1e-6, rtol=0)
+            block = hf(ids, attention_mask=attention_mask, logits_positions=slice(8, 12)).logits
+            torch.testing.assert_close(block, whole[:, 8:12], atol=1e-6, rtol=0)
+            assert (block - whole[:, 9:13]).abs().max().item() > 1e-2  # control: other positions
+
+
+def test_logits_at_positions_with_the_cache():
+    """Filling a cache with selected logits fills it whole; a window's selected logits count
+    from the window's start and equal its whole logits there."""
+    _, hf = _pair()
+    ids = _ids(2, 20, seed=13)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        full_cache = hf(ids, attention_mask=mask, use_cache=True).past_key_values
+        out = hf(ids, attention_mask=mask, use_cache=True, logits_positions=slice(8, 12))
+        assert out.past_key_values.length == 20
+        for layer in range(SHAPE["n_layers"]):
+            torch.testing.assert_close(out.past_key_values.keys[layer], full_cache.keys[layer], atol=0, rtol=0)
+        window = dict(attention_mask=mask, past_key_values=out.past_key_values,
+                      cache_position=torch.arange(8, 20))
+        whole = hf(ids[:, 8:], **window).logits
+        block = hf(ids[:, 8:], **window, logits_positions=slice(0, 4)).logits
+        picked = hf(ids[:, 8:], **window, logits_positions=torch.tensor([1, 11])).logits
+    torch.testing.assert_close(out.logits, hf(ids, attention_mask=mask).logits[:, 8:12], atol=1e-6, rtol=0)
+    torch.testing.assert_close(block, whole[:, :4], atol=1e-6, rtol=0)
+    torch.testing.assert_close(picked, whole[:, [1, 11]], atol=1e-6, rtol=0)
+    assert (picked - whole[:, [2, 10]]).abs().max().item() > 1e-2  # control: other positions
+
+
+@pytest.mark.parametrize("positions", [torch.tensor([[1, 2]]), torch.tensor([1.0]), [1, 2]])
+def test_bad_logits_positions_are_refused(positions):
+    _, hf = _pair()
+    with pytest.raises(ValueError, match="logits_positions must be None, a slice or a 1-D LongTensor"):
+        hf(_ids(1, 4), logits_positions=positions)

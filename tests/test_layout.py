@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {"train", "generate", "chat", "evaluate", "export_hf", "import_hf", "profile",
-            "lm_eval_adapter", "recipe_entry"}
+            "lm_eval_adapter", "plot", "recipe_entry"}
 LEVEL = {"commands": 5, "evaluation": 4, "training": 3, "inference": 3, "diffusion": 2, "runtime": 2,
          "checkpoint": 2, "parallel": 1, "data_pipeline": 1}
 LAZY_IMPORTS_ALLOWED = {("pretrain/recipe_entry.py", "pretrain.training.entry")}

@@ -2,8 +2,13 @@
 
 - loglikelihood is Algorithm 3 on the official context/continuation split with a generator keyed
   by the request; check_greedy matches the sampler's one-token-per-step greedy answer.
-- generate_until is the sampler on left-padded batches, capped by max_gen_toks in whole blocks and
-  cut at the request's stop strings; loglikelihood_rolling refuses with a message.
+- generate_until is the official eval_llada.py's: the sampler on a canvas of gen_length masks
+  whatever max_gen_toks says, its whole canvas decoded with special tokens, cut at the stop
+  strings, then stripped of special tokens (tests/support/official_eval_postprocess.py, through
+  the Hugging Face tokenizer); text goes in as the official `tokenizer(text)` gives it, BOS
+  included when the tokenizer.json's post-processor adds one. The stack's options
+  (`cut_at_eos_eot`, `shrink_to_max_gen_toks`) give the old cut and capped canvas;
+  loglikelihood_rolling refuses with a message.
 - End to end on local task YAMLs (tests/support/lm_eval_tasks): simple_evaluate in this process, and
   lm-eval's CLI (`python -m pretrain.lm_eval_adapter`) on 2 ZeRO-3 ranks, which get different
   numbers of requests and forwards (nothing hangs) and give the same per-document results.
@@ -17,14 +22,21 @@ from pathlib import Path
 import pytest
 import torch
 from lm_eval.api.instance import Instance
+from support.official_eval_postprocess import harness_ids, harness_tokenizer, official_answer
 from support.ports import free_port
 from support.tiny_checkpoints import eos_ending_checkpoint
+from tokenizers import Tokenizer
+from tokenizers.processors import TemplateProcessing
+from transformers import PreTrainedTokenizerFast
 
 from data_pipeline.seeding import keyed_generator
+from data_pipeline.sft import ChatTemplate
+from data_pipeline.tokenizer import load_tokenizer
+from pretrain.checkpoint.hf_export import CHAT_TEMPLATE
 from pretrain.diffusion.likelihood import conditional_log_likelihood
-from pretrain.diffusion.sampling import SamplerConfig, generate
-from pretrain.evaluation.lm_eval_model import LLaDAStackLM
-from pretrain.evaluation.tasks import encode_pair
+from pretrain.diffusion.sampling import SamplerConfig, generate, strip_at_eos
+from pretrain.evaluation.lm_eval_model import LLaDAStackLM, answer_text, harness_encode
+from pretrain.evaluation.tasks import cut_at_stops, encode_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "support" / "lm_eval_tasks"
@@ -83,28 +95,124 @@ def test_loglikelihood_is_algorithm_3_on_the_official_split(checkpoint):
     assert flags == [True, False]
 
 
-def test_generate_until_is_the_sampler_capped_and_cut(checkpoint):
-    lm = LLaDAStackLM(model=str(checkpoint), batch_size=2, logits_eos_inf=True, **SAMPLER)
-    tok = lm.tok
-    prompts = ["x = 1", "import json", "class Decoder:"]
+def old_answer(tok, canvas: list[int], gen_kwargs: dict) -> str:
+    """The adapter's former post-processing: ids cut at EOS, then EoT, then at max_gen_toks,
+    decoded without special tokens, cut at the earliest stop string."""
+    ids = strip_at_eos(strip_at_eos(canvas, tok.eos_id), tok.special_ids["eot"])
+    ids = ids[:gen_kwargs.get("max_gen_toks", len(ids))]
+    until = gen_kwargs.get("until") or []
+    return cut_at_stops(tok.decode(ids, skip_special_tokens=True), [until] if isinstance(until, str) else until)
 
-    def alone(prompt: str, gen_length: int) -> list[int]:
-        config = SamplerConfig(steps=gen_length // 2, gen_length=gen_length, block_length=8,
-                               logits_eos_inf=True)
-        sample = generate(lm.model, torch.tensor([tok.encode(prompt)]), mask_id=tok.mask_id,
+
+def test_answer_text_is_the_official_post_processing(checkpoint):
+    tok = load_tokenizer(checkpoint / "tokenizer.json")
+    hf = harness_tokenizer(checkpoint / "tokenizer.json")
+    eos, eot, header = tok.eos_id, tok.special_ids["eot"], tok.special_ids["start_header"]
+    enc = tok.encode
+    cases = [  # (canvas, gen_kwargs)
+        (enc("x = 1") + [eos] + enc("\ny = 2") + [eos, eos], {"until": ["\n\n"], "max_gen_toks": 2}),
+        (enc("x = 1") + [eot] + enc(" if y:\n  z") + [header] + enc("w"), {"until": ["\n"]}),
+        (enc("abXcd efg"), {"until": ["Xc", "bX"]}),  # the stop strings cut in turn
+        (enc("return s;\nQuestion: y") + [eos], {"until": "Question:", "max_gen_toks": 3}),
+        ([eos, eos] + enc("tail"), {"until": []}),
+        (enc("def f():"), {}),
+    ]
+    for canvas, kwargs in cases:
+        until = kwargs.get("until") or []
+        expected = official_answer(hf, canvas, [until] if isinstance(until, str) else until)
+        assert answer_text(tok, canvas, kwargs) == expected, (canvas, kwargs)
+    # controls: the former post-processing loses what follows an EOS / EoT, caps at
+    # max_gen_toks and cuts at the earliest of the stop strings; the options give it back
+    official = [answer_text(tok, canvas, kwargs) for canvas, kwargs in cases]
+    old = [old_answer(tok, canvas, kwargs) for canvas, kwargs in cases]
+    assert official[0] == "x = 1\ny = 2" and old[0] == "x ="
+    assert official[1] == "x = 1 if y:" and old[1] == "x = 1"
+    assert official[2] == "ab" and old[2] == "a"
+    assert official[4] == "tail" and old[4] == ""
+    options = [answer_text(tok, canvas, kwargs, cut_at_eos_eot=True, cap_at_max_gen_toks=True)
+               for canvas, kwargs in cases]
+    assert [o for i, o in enumerate(options) if i != 2] == [o for i, o in enumerate(old) if i != 2]
+
+
+def test_text_goes_in_as_the_official_tokenizer_call_gives_it(checkpoint, tmp_path):
+    """With the tokenizers this stack trains (no post-processor) a prompt has no BOS; a
+    tokenizer.json whose post-processor adds one gets it, as `tokenizer(text)` does."""
+    tok = load_tokenizer(checkpoint / "tokenizer.json")
+    with_bos = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    with_bos.post_processor = TemplateProcessing(single="<|startoftext|> $A", pair="<|startoftext|> $A $B",
+                                                 special_tokens=[("<|startoftext|>", tok.bos_id)])
+    with_bos.save(str(tmp_path / "tokenizer.json"))
+    bos_tok = load_tokenizer(tmp_path / "tokenizer.json")
+    text = "import json<|endoftext|>x"
+    for info, path in ((tok, checkpoint / "tokenizer.json"), (bos_tok, tmp_path / "tokenizer.json")):
+        assert harness_encode(info, text) == harness_ids(harness_tokenizer(path), text)
+    assert harness_encode(tok, text) == tok.encode(text) and tok.bos_id not in harness_encode(tok, text)
+    assert harness_encode(bos_tok, text) == [tok.bos_id, *tok.encode(text)]
+    canvas = tok.encode("x = 1") + [tok.eos_id] + tok.encode(" y")
+    assert answer_text(bos_tok, canvas, {}) == official_answer(harness_tokenizer(tmp_path / "tokenizer.json"),
+                                                               canvas, []) == "x = 1 y"
+
+
+def test_apply_chat_template_is_the_released_chat_format(checkpoint):
+    """lm-eval's --apply_chat_template: the text Hugging Face renders from the exported template,
+    which encodes to the ids the SFT data and `pretrain.chat` give the dialogue."""
+    lm = LLaDAStackLM(model=str(checkpoint))
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(checkpoint / "tokenizer.json"), bos_token="<|startoftext|>",
+                                 chat_template=CHAT_TEMPLATE)
+    dialogue = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " What is 2+2? "},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+    for add in (True, False):
+        assert lm.apply_chat_template(dialogue, add) == hf.apply_chat_template(dialogue, tokenize=False,
+                                                                               add_generation_prompt=add)
+    assert harness_encode(lm.tok, lm.apply_chat_template(dialogue)) == ChatTemplate(lm.tok).prompt(dialogue)
+    assert lm.tokenizer_name.startswith("llada_stack-")
+
+
+def record_canvas_lengths(lm: LLaDAStackLM) -> list[int]:
+    """The sequence lengths the adapter's sampler forwards, recorded by a logits callable."""
+    lengths, logits = [], lm._logits
+
+    def recording(ids, attention_mask=None, **cache):
+        lengths.append(ids.shape[1])
+        return logits(ids, attention_mask=attention_mask, **cache)
+
+    lm._logits = recording
+    return lengths
+
+
+def test_generate_until_is_the_official_canvas_and_answer(checkpoint):
+    lm = LLaDAStackLM(model=str(checkpoint), **SAMPLER)
+    tok, hf = lm.tok, harness_tokenizer(checkpoint / "tokenizer.json")
+    prompts = ["x = 1", "import json", "for i in range(3):"]
+
+    def canvas(prompt: str, gen_length: int, **flags) -> list[int]:
+        config = SamplerConfig(steps=gen_length // 2, gen_length=gen_length, block_length=8, **flags)
+        sample = generate(lm.model, torch.tensor([harness_ids(hf, prompt)]), mask_id=tok.mask_id,
                           eos_id=tok.eos_id, eot_id=tok.special_ids["eot"], config=config)
-        return sample.answers(tok.eos_id)[0]
+        return sample.ids[0, sample.prompt_length:].tolist()
 
-    raw = [tok.decode(alone(p, 16), skip_special_tokens=True) for p in prompts]
-    stop = raw[0][len(raw[0]) // 2:][:2]
-    assert stop.strip(), raw  # premise: a stop string inside the first answer
-    out = lm.generate_until([request("generate_until", (prompts[0], {"until": [stop], "max_gen_toks": 16}), 0),
-                             request("generate_until", (prompts[1], {"until": "\n\n\n\n", "max_gen_toks": 10}), 1),
-                             request("generate_until", (prompts[2], {"until": []}), 2)])
-    assert out[0] == raw[0].split(stop)[0] and len(out[0]) < len(raw[0])
-    assert out[1] == tok.decode(alone(prompts[1], 16)[:10], skip_special_tokens=True).split("\n\n\n\n")[0]
-    assert out[2] == tok.decode(alone(prompts[2], 32), skip_special_tokens=True)  # no cap: gen_length
+    full = [canvas(p, 32, stop_at_eos=False) for p in prompts]
+    eos_inside = full[1]
+    assert tok.eos_id in eos_inside and "\n" in tok.decode(eos_inside[eos_inside.index(tok.eos_id):])  # premise
+    kwargs = [{"until": ["\n"], "max_gen_toks": 3}, {"until": ["\n"], "max_gen_toks": 10}, {"until": []}]
+    lengths = record_canvas_lengths(lm)
+    out = lm.generate_until([request("generate_until", (p, k), i) for i, (p, k) in enumerate(zip(prompts, kwargs))])
+    assert out == [official_answer(hf, c, k["until"]) for c, k in zip(full, kwargs)]
+    assert sorted(set(lengths)) == sorted({len(tok.encode(p)) + 32 for p in prompts})  # gen_length, always
+    assert len(lengths) == 3 * 16  # no early stop
+    assert out[1] != old_answer(tok, full[1], kwargs[1])  # control: the former cut at EOS
 
+    # the stack's options: the canvas shrinks to whole blocks holding max_gen_toks, the sampler
+    # stops once an EOS ends every answer, the answer is cut at EOS / EoT and max_gen_toks
+    lm = LLaDAStackLM(model=str(checkpoint), cut_at_eos_eot=True, shrink_to_max_gen_toks=True, **SAMPLER)
+    lengths = record_canvas_lengths(lm)
+    out = lm.generate_until([request("generate_until", (p, k), i) for i, (p, k) in enumerate(zip(prompts, kwargs))])
+    short = [canvas(p, n) for p, n in zip(prompts, (8, 16, 32))]
+    assert out == [old_answer(tok, c, k) for c, k in zip(short, kwargs)]
+    assert set(lengths) == {len(tok.encode(p)) + n for p, n in zip(prompts, (8, 16, 32))}
+
+    with pytest.raises(ValueError, match="stop_at_eos needs cut_at_eos_eot"):
+        LLaDAStackLM(model=str(checkpoint), stop_at_eos=True)
     with pytest.raises(NotImplementedError, match="no left-to-right factorisation"):
         lm.loglikelihood_rolling([request("loglikelihood_rolling", ("text",), 0)])
     with pytest.raises(ValueError, match="block_length 5 must divide gen_length 32"):

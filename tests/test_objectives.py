@@ -8,12 +8,24 @@ never with a value the code under test computes itself; the forward process is c
 p_mask formula, its per-row masking rate and its reproducibility from a seeded generator.
 """
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from pretrain.diffusion.objectives import ar_loss, forward_process, p_mask_of, pretrain_loss, sft_loss, sft_noise
+from pretrain.diffusion.objectives import (
+    ar_loss,
+    forward_process,
+    next_token_targets,
+    p_mask_of,
+    pretrain_loss,
+    sft_loss,
+    sft_noise,
+    token_cross_entropy,
+)
 
 LN2, LN3, LN4, LN5, LN7 = (math.log(v) for v in (2.0, 3.0, 4.0, 5.0, 7.0))
 MASK_ID = 3  # vocabulary {0, 1, 2, 3}; 3 is the mask row, never a data token here
@@ -196,6 +208,48 @@ def test_ar_loss_matches_hand_computed_value():
         [[LN3, 0, 0, 0], [0, LN2, 0, 0], [-1.0, 4.0, 0.0, 8.0]],
     ], dtype=torch.float32)
     assert ar_loss(logits, input_ids).item() == pytest.approx(AR_LOSS, rel=1e-6)
+
+
+def test_ar_loss_of_a_length_1_batch_is_0_with_a_zero_gradient():
+    """The 1% random-length rule can cut a micro-batch to one token: no position has a next
+    token, so the loss is 0 (the sum over no positions, divided by the count clamped to 1) and
+    the position is still scored, so the loss has a (zero) gradient."""
+    input_ids = torch.tensor([[2], [0]])
+    logits = torch.tensor([[[LN3, 0, 0, 0]], [[0, LN2, 0, 0]]], requires_grad=True)
+    targets, loss_mask = next_token_targets(input_ids)
+    assert loss_mask.tolist() == [[True], [True]]
+    loss = ar_loss(logits, input_ids)
+    assert loss.item() == 0.0 and loss.grad_fn is not None
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    # control: the mean over the b x (l - 1) = 0 positions with a target is NaN
+    assert math.isnan(token_cross_entropy(logits, targets)[:, :-1].mean().item())
+    assert next_token_targets(torch.tensor([[0, 1, 2]]))[1].tolist() == [[True, True, False]]
+
+
+def test_ar_training_through_length_1_micro_batches_has_finite_losses_and_skips_nothing(tmp_path, subprocess_env):
+    """`train.objective=arm` with every micro-batch cut to a random length in {1, 2}
+    (data.seq_len=2, data.variable_length_prob=1): the steps whose micro-batch has length 1 (4
+    tokens) log loss 0 and gradient norm 0, the others a positive loss, and the guard rails
+    count no step skipped."""
+    overrides = ["model.n_layers=1", "model.vocab_size=500", "data.pad_vocab_to_multiple=64",
+                 "data.max_bytes=800000", "data.heldout_fraction=0.2", "data.seq_len=2",
+                 "data.variable_length_prob=1.0", "data.num_workers=0", "train.objective=arm", "model.causal=true",
+                 "train.steps=8", "train.micro_batch_size=4", "train.global_batch_size=4", "validation.every=4",
+                 "validation.batches=1", "validation.batch_size=4", "validation.elbo_every=0", "checkpoint.every=0",
+                 "checkpoint.save_at_end=false", "logging.every=1", "logging.progress_bar=false",
+                 "sample.gen_length=4", "sample.steps=4", "sample.block_length=4", f"train.out_dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", "recipes/tiny.yaml", *overrides],
+                          capture_output=True, text=True, timeout=300, env=subprocess_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *steps], steps)]
+    length_1 = [r for r, n in zip(steps, tokens) if n == 4]
+    assert length_1 and len(length_1) < len(steps), tokens  # premise: both lengths were drawn
+    assert all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in length_1)
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r, n in zip(steps, tokens) if n == 8)
+    assert all(r["skipped_steps"] == 0 for r in steps)
 
 
 # ---------------------------------------------------------------------------------------------

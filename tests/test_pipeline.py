@@ -185,4 +185,4 @@ def test_uneven_blocks_are_balanced_as_deepspeed_splits_them_and_the_plan_is_pri
     assert ("pipeline: stage 0: embedding + blocks 0-5 | stage 1: blocks 6-11 | stage 2: blocks "
             "12-16 | stage 3: blocks 17-21 + final norm, head, loss") in report
     assert "memory per stage in GiB (1F1B: stage s keeps min(4 - s, 4) micro-batches in flight): stage 0: " in report
-    assert "memory plan per GPU (stage 0, the most loaded)" in report
+    assert "memory plan per device (stage 0, the most loaded)" in report

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint import store
+from pretrain.training.config import load_config
+from pretrain.training.loop import check_run_directory
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["train.micro_batch_size=4", "train.global_batch_size=8", "model.n_layers=2",
@@ -141,3 +143,19 @@ def test_prune_keeps_the_written_step(tmp_path, keep_last, written):
     # whenever keep_last or more newer steps are on disk (e.g. 5 with keep_last 3, 25 with 1)
     newer = sum(s > written for s in before)
     assert (written in old_prune_rule(before, keep_last)) == (newer < keep_last)
+
+
+def test_metrics_of_a_run_without_checkpoints_is_not_appended_to(tmp_path):
+    """A run that crashed before its first checkpoint left only metrics.jsonl: a fresh run is
+    refused like one over checkpoints; --overwrite and --resume auto (a fresh start) go ahead."""
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"train.out_dir={out}"], check_paths=False)
+    check_run_directory(cfg, resume=None, overwrite=False)  # control: an empty directory is fine
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    check_run_directory(cfg, resume=None, overwrite=False)  # an empty file holds no run
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0}\n')
+    with pytest.raises(store.CheckpointError, match="metrics.jsonl.*--resume auto.*train.out_dir.*--overwrite"):
+        check_run_directory(cfg, resume=None, overwrite=False)
+    check_run_directory(cfg, resume=None, overwrite=True)
+    check_run_directory(cfg, resume="auto", overwrite=False)

@@ -152,6 +152,7 @@ def test_training_on_a_corrupted_shard_exits_with_one_line(tmp_path, subprocess_
     proc = subprocess.run([*base, "train.steps=3", "data.source=shards", f"data.sources=[{{path: {data / 'train'}}}]",
                            f"data.tokenizer={data / 'tokenizer.json'}", f"train.out_dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=300, env=subprocess_env, cwd=REPO)
-    assert proc.returncode != 0
-    assert MESSAGE in proc.stderr, proc.stderr[-3000:]
-    assert "Original Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 5, proc.stderr[-3000:]  # the README's "data error" code
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("data error: ")]
+    assert len(errors) == 1 and MESSAGE in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr, proc.stderr[-3000:]

@@ -8,7 +8,8 @@ from typing import Callable
 
 import torch
 
-# (ids [b, s], attention_mask=None, **kv-cache arguments) -> fp32 logits [b, s, vocab].
+# (ids [b, s], attention_mask=None, **forward arguments) -> logits [b, s, vocab] in the model's dtype
+# (the sampler takes its confidences in that dtype, as the official code does).
 LogitsFn = Callable[..., torch.Tensor]
 
 # (noisy ids, targets, loss mask) -> per-token fp32 cross-entropy [b, s]: the training model's

@@ -105,16 +105,25 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lengths: torc
 
 def next_token_targets(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, loss_mask) for the AR baseline: position i predicts token i + 1; the last
-    position has no target."""
+    position has no target and is left out of the loss mask, except in a length-1 batch, which
+    has no target at all: its one position is still scored (`ar_loss_from_ce` leaves it out of
+    the loss) so that the loss, 0, stays a function of the weights with a zero gradient, which an
+    engine's backward needs (a model scores no position outside the loss mask)."""
     targets = torch.roll(input_ids, -1, dims=1)
     loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    loss_mask[:, -1] = False
+    if input_ids.shape[1] > 1:
+        loss_mask[:, -1] = False
     return targets, loss_mask
 
 
 def ar_loss_from_ce(ce: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the b x (l - 1) positions that have a target."""
-    return ce[:, :-1].mean()
+    """Mean next-token cross-entropy over the b x (l - 1) positions that have a target, defined
+    at every length: the sum over those positions divided by their count clamped to >= 1. For
+    l >= 2 that is the plain mean; a length-1 batch (the 1% random-length rule can draw it) has
+    no next-token target, so its loss is 0 with a zero gradient, where a mean over no positions
+    is NaN (a step the guard rails would count as skipped, though the optimizer applied it)."""
+    with_target = ce[:, :-1]
+    return with_target.sum() / max(with_target.numel(), 1)
 
 
 def ar_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,38 +1,60 @@
-"""The reverse process: LLaDA's sampler as the official `generate` (ML-GSAI/LLaDA) defines it.
+"""The reverse process: LLaDA's sampler as the official `generate` (ML-GSAI/LLaDA generate.py at its
+head, the revision stored as 6063e083e468a024edda373b728b0ba4d3fa218d) defines it.
 
 Starting from `gen_length` mask tokens after the prompt, `steps` denoising steps are split
 evenly over blocks of `block_length` (semi-autoregressive when block_length < gen_length).
 Within a block, step i reveals `mask_count // steps_per_block` tokens, the first
-`mask_count % steps_per_block` steps one more. Each step predicts every masked position
-(argmax of exp(logits) / (-log u)^temperature in float64: Gumbel-max) and keeps the k most
-confident predictions (`low_confidence`: the float64 softmax probability of the prediction)
-or k random ones (`random`), never beyond the current block. Classifier-free guidance runs the
-prompt fully masked as the unconditional branch: un + (cfg_scale + 1)(cond - un). Algorithm 4
-of the paper remasks each token with probability s/t; this follows the official code, which
-reveals exactly k per step.
+`mask_count % steps_per_block` steps one more. Each step predicts every masked position (at
+temperature 0 the argmax of the logits; above it the argmax of exp(logits) / (-log u)^temperature
+in float64: Gumbel-max) and keeps the k most confident predictions (`low_confidence`: the softmax
+probability of the prediction) or k random ones (`random`: one float32 uniform per position),
+never beyond the current block. Classifier-free guidance runs the prompt fully masked as the
+unconditional branch: un + (cfg_scale + 1)(cond - un), in the logits' dtype. Algorithm 4 of the
+paper remasks each token with probability s/t; this follows the official code, which reveals
+exactly k per step.
+
+The confidence is the softmax in `confidence_dtype`: "model" (the default, the official choice)
+takes it in the dtype the logits come in, so a bf16 model's probabilities above ~0.998 round to 1.0
+and tie, and topk then chooses among them in its own tie order (on CPU the lowest position first
+for k = 1) rather than by the float64 order; "float64" is Fast-dLLM's choice, which separates them.
+(The stack's `LLaDAModel` and the exported model return logits in the model's dtype, as the
+official model does.)
 
 EOS/EoT flags, pinned to the official behaviour:
 - `logits_eos_inf`: the EOS logit is -inf before prediction (EOS is never generated).
-- `confidence_eos_eot="official"`: what the official `confidence_eos_eot_inf` flag does, a
-  known bug: only EoT's probability is zeroed in the confidence (EOS's is not).
-  `"both"`: the intended behaviour, a prediction of EOS or EoT gets confidence 0, so those are
-  revealed last. `"off"`: neither.
+- `confidence_eos_eot="official"`: what the official `confidence_eos_eot_inf` flag does. It runs
+  after the prediction and writes -inf into the Gumbel-perturbed scores' EOS column and the
+  logits' EoT column; at temperature 0 the scores are the logits themselves, so a prediction of
+  EOS or EoT gets confidence 0 (revealed last), while at temperature > 0 only EoT's does (the EOS
+  write lands on a tensor nothing reads again). `"both"`: EOS and EoT at every temperature, the
+  flag as its name intends. `"off"`: neither. Zeroing a column also renormalises the others.
 
-Batched prompts are left-padded with an attention mask (1 at real tokens). Random draws come
-from an explicit generator in the official order (the Gumbel noise, then the random
-confidences), so a generator seeded s reproduces the official code after torch.manual_seed(s).
-The one draw skipped is the Gumbel noise at temperature 0 with low-confidence remasking, which
-the official code draws and then raises to the power 0: nothing random follows it, so the
-output is the same. A batch stops early once every row has revealed an EOS with nothing masked
-before it (its output, cut at the first EOS, is then final); `agree` makes that decision
-collective, so ranks running the model under ZeRO-3 / TP do the same number of forwards.
+Batched prompts are left-padded with an attention mask (1 at real tokens); the padding counts as
+prompt, so the unconditional branch masks it too, as the official code does. Random draws come
+from an explicit generator (None: the global RNG) in the official order and shapes: the float64
+Gumbel noise of the whole [b, s, vocab] logits only at temperature > 0, then, with random
+remasking, the float32 [b, s] confidences. A generator seeded s on the logits' device therefore
+reproduces the official code run after torch.manual_seed(s). A batch stops early once every row
+has revealed an EOS with nothing masked before it (its output, cut at the first EOS, is then
+final, since a revealed token never changes); the official code has no early stop. `agree`
+makes that decision collective, so ranks running the model under ZeRO-3 / TP do the same number
+of forwards.
 
-Fast decoding (Fast-dLLM, Wu et al. 2025), training-free and off by default:
-- `threshold`: confidence-threshold parallel decoding. Each step reveals every masked position
-  of the current block whose confidence (the float64 softmax probability of the prediction,
-  after the same temperature / Gumbel and EOS/EoT handling as the exact path) is >= threshold
-  (Fast-dLLM's convention: it keeps the top-ranked positions unless their confidence is below
-  the threshold), and always the single most confident one. A block ends when it has no mask
+`logits_at="block"` is the exact sampler with less work: a step can reveal a token only from
+the first position still masked (in any row; after the prompt that is inside the current block)
+to the block's end, so the model's final norm and LM head, the softmax and the argmax run there
+only (`logits_positions`), not over the whole prompt and canvas. At temperature 0 the tokens
+and reveal steps are the official ones, for both remaskings (random remasking still draws one
+uniform per position of the forward, as the official code, and keeps the block's); above it the
+Gumbel noise is drawn for those positions only, a different random stream from the official one
+with the same distribution. Default "sequence": every position, as the official code.
+
+Fast decoding (Fast-dLLM, Wu et al. 2025, NVlabs/Fast-dLLM llada/generate.py), training-free and
+off by default:
+- `threshold`: confidence-threshold parallel decoding. Each step ranks the masked positions of
+  the current block by confidence (after the same temperature / Gumbel, EOS/EoT and dtype
+  handling as the exact path) and reveals the first of that ranking and every other one whose
+  confidence is >= threshold (Fast-dLLM's `get_transfer_index`). A block ends when it has no mask
   left (in every row, and under `agree` on every rank), so the steps per block vary and `steps`
   is not used. The mask token is never predicted (a "revealed" mask would keep the block from
   ending; the exact path, like the official code, does not exclude it, and a trained model
@@ -44,7 +66,9 @@ Fast decoding (Fast-dLLM, Wu et al. 2025), training-free and off by default:
   "dual" the block alone (everything else cached). The cached entries of positions outside the
   window go stale as the block fills in (their deeper layers saw masks), which is the
   approximation; positions keep their absolute RoPE positions. With temperature > 0 the Gumbel
-  noise of a window step covers the window only, so seeded draws differ from the exact path's.
+  noise of a window step covers the window only (and Fast-dLLM's prefix loop draws one more,
+  unused, noise tensor per window step), so seeded draws differ from the exact path's. With
+  cfg, the guided batch [x; unconditional] is cached as one batch (Fast-dLLM has no cfg).
 Both decode generated blocks only, so they refuse prompts that contain the mask token (infilling
 needs the exact schedule). With threshold 1.0 (one token per step unless a probability is
 exactly 1.0), steps == gen_length and a cache refreshed every step, the output equals the exact
@@ -55,7 +79,9 @@ training model in any layout, or an exported Hugging Face model behind a wrapper
 it is also called as `model_fn(ids, attention_mask=..., past_key_values=cache)` (a whole forward
 filling an empty `parallel.attention.KVCache`) and `model_fn(window_ids, attention_mask=...,
 past_key_values=cache, cache_position=arange(start, end))` (the window's logits [b, w, vocab]),
-as `parallel.model.LLaDAModel` and the exported `LLaDAModelLM` take them.
+as `parallel.model.LLaDAModel` and the exported `LLaDAModelLM` take them; with
+`logits_at="block"` also with `logits_positions=slice(i, j)` (the logits of those positions of
+`ids` only).
 """
 
 from __future__ import annotations
@@ -71,7 +97,9 @@ from pretrain.diffusion.model_fn import LogitsFn
 
 REMASKING = ("low_confidence", "random")
 CONFIDENCE_EOS_EOT = ("off", "official", "both")
+CONFIDENCE_DTYPES = ("model", "float64")
 CACHE_MODES = ("none", "prefix", "dual")
+LOGITS_AT = ("sequence", "block")
 
 
 @dataclass(frozen=True)
@@ -84,6 +112,8 @@ class SamplerConfig:
     remasking: str = "low_confidence"
     logits_eos_inf: bool = False
     confidence_eos_eot: str = "off"
+    confidence_dtype: str = "model"         # "model": the logits' own dtype (official); "float64": Fast-dLLM
+    logits_at: str = "sequence"             # "block": the head only where a token can be revealed
     stop_at_eos: bool = True
     threshold: float | None = None          # None: the exact schedule of `steps`
     cache: str = "none"                     # "none", "prefix" or "dual"
@@ -122,6 +152,12 @@ class SamplerConfig:
         if self.confidence_eos_eot not in CONFIDENCE_EOS_EOT:
             out.append(f"confidence_eos_eot {self.confidence_eos_eot!r} is not one of "
                        f"{', '.join(CONFIDENCE_EOS_EOT)}")
+        if self.logits_at not in LOGITS_AT:
+            out.append(f"logits_at {self.logits_at!r} is not one of {', '.join(LOGITS_AT)} (sequence: every "
+                       f"position, as the official code; block: the current block only)")
+        if self.confidence_dtype not in CONFIDENCE_DTYPES:
+            out.append(f"confidence_dtype {self.confidence_dtype!r} is not one of {', '.join(CONFIDENCE_DTYPES)} "
+                       f"(model: the softmax in the logits' dtype, as the official code; float64: as Fast-dLLM)")
         return out
 
 
@@ -169,21 +205,24 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
 
 
 def _predict(model_fn: LogitsFn, x: torch.Tensor, attention_mask: torch.Tensor | None,
-             prompt_index: torch.Tensor, mask_id: int, cfg_scale: float, **cache) -> torch.Tensor:
+             prompt_index: torch.Tensor, mask_id: int, cfg_scale: float, **forward) -> torch.Tensor:
     """Logits of x (the sequence, or a window of it under a cache), guided by the fully masked
-    prompt when cfg_scale > 0 (the guided batch is [x; unconditional], cached as one batch)."""
+    prompt when cfg_scale > 0 (the guided batch is [x; unconditional], cached as one batch).
+    forward: the KV-cache and `logits_positions` arguments of the model."""
     if cfg_scale == 0:
-        return model_fn(x, attention_mask=attention_mask, **cache)
+        return model_fn(x, attention_mask=attention_mask, **forward)
     unconditional = x.masked_fill(prompt_index, mask_id)
     both_masks = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    logits, un_logits = model_fn(torch.cat([x, unconditional]), attention_mask=both_masks, **cache).chunk(2)
+    logits, un_logits = model_fn(torch.cat([x, unconditional]), attention_mask=both_masks, **forward).chunk(2)
     return un_logits + (cfg_scale + 1) * (logits - un_logits)
 
 
 class _StepLogits:
-    """Each step's logits: of the whole sequence without a cache; with one, of the whole sequence
-    at a refresh (filling a new cache) and of a window (from the block's start to its end, or to
-    the sequence's end for "prefix") at the other steps."""
+    """Each step's forward: over the whole sequence without a cache; with one, over the whole
+    sequence at a refresh (filling a new cache) and over a window (from the block's start to its
+    end, or to the sequence's end for "prefix") at the other steps. Its logits cover the forward's
+    positions, or with `logits_at="block"` only those from the first position still masked (in
+    any row) to the block's end: no token outside them can be revealed at this step."""
 
     def __init__(self, model_fn: LogitsFn, config: SamplerConfig, attention_mask: torch.Tensor | None,
                  prompt_index: torch.Tensor, mask_id: int):
@@ -191,23 +230,54 @@ class _StepLogits:
         self.prompt_index, self.mask_id = prompt_index, mask_id
         self.cache: KVCache | None = None
 
-    def __call__(self, x: torch.Tensor, step_in_block: int, start: int, end: int) -> tuple[int, torch.Tensor]:
-        """(first position the logits cover, logits [b, positions, vocab])."""
+    def __call__(self, x: torch.Tensor, step_in_block: int, start: int,
+                 end: int) -> tuple[tuple[int, int], int, torch.Tensor]:
+        """((first, stop): the positions the forward covers, the first position the logits cover,
+        logits [b, positions, vocab])."""
         c = self.config
-        if c.cache == "none":
-            return 0, self._predict(x, self.prompt_index)
         every = c.cache_refresh_every
-        if step_in_block == 0 or (every is not None and step_in_block % every == 0):
+        refresh = c.cache != "none" and (step_in_block == 0 or (every is not None and step_in_block % every == 0))
+        first, stop = (0, x.shape[1]) if c.cache == "none" or refresh else \
+            (start, end if c.cache == "dual" else x.shape[1])
+        forward: dict = {}
+        if refresh:
             self.cache = KVCache()
-            return 0, self._predict(x, self.prompt_index, past_key_values=self.cache)
-        stop = end if c.cache == "dual" else x.shape[1]
-        return start, self._predict(x[:, start:stop], self.prompt_index[:, start:stop],
-                                    past_key_values=self.cache,
-                                    cache_position=torch.arange(start, stop, device=x.device))
+            forward = {"past_key_values": self.cache}
+        elif c.cache != "none":
+            forward = {"past_key_values": self.cache, "cache_position": torch.arange(first, stop, device=x.device)}
+        covered = first
+        if c.logits_at == "block":
+            masked = (x[:, first:end] == self.mask_id).any(dim=0)
+            covered = first + int(masked.int().argmax()) if bool(masked.any()) else start
+            forward["logits_positions"] = slice(covered - first, end - first)
+        logits = _predict(self.model_fn, x[:, first:stop], self.attention_mask, self.prompt_index[:, first:stop],
+                          self.mask_id, c.cfg_scale, **forward)
+        return (first, stop), covered, logits
 
-    def _predict(self, ids: torch.Tensor, prompt_index: torch.Tensor, **cache) -> torch.Tensor:
-        return _predict(self.model_fn, ids, self.attention_mask, prompt_index, self.mask_id,
-                        self.config.cfg_scale, **cache)
+
+def _confidence(logits: torch.Tensor, predicted: torch.Tensor, config: SamplerConfig, eos_id: int,
+                eot_id: int) -> torch.Tensor:
+    """[b, s] softmax probability of each prediction in `config.confidence_dtype`, with the
+    columns the EOS/EoT flag zeroes set to -inf first (overwrites `logits`: read it no more)."""
+    if config.confidence_dtype == "float64":
+        logits = logits.double()
+    zeroed = {"off": [], "both": [eos_id, eot_id],
+              "official": [eos_id, eot_id] if config.temperature == 0 else [eot_id]}[config.confidence_eos_eot]
+    if zeroed:
+        logits[:, :, zeroed] = -torch.inf
+    return F.softmax(logits, dim=-1).gather(-1, predicted[..., None]).squeeze(-1)
+
+
+def _chosen(confidence: torch.Tensor, count: int, threshold: float | None) -> torch.Tensor:
+    """Positions of one row to reveal: the `count` most confident (exact schedule) or, with a
+    threshold, of the `count` candidates ranked by confidence the first and every other one whose
+    confidence is >= threshold (Fast-dLLM's `get_transfer_index`)."""
+    ranked = torch.topk(confidence, k=count).indices
+    if threshold is None:
+        return ranked
+    keep = confidence[ranked] >= threshold
+    keep[:1] = True
+    return ranked[keep]
 
 
 def _finished(x: torch.Tensor, prompt_length: int, mask_id: int, eos_id: int) -> bool:
@@ -246,7 +316,6 @@ def generate(model_fn: LogitsFn, prompt: torch.Tensor, *, mask_id: int, eos_id: 
     reveal_step = torch.full((b, c.gen_length), -1, dtype=torch.long, device=prompt.device)
     num_blocks = c.gen_length // c.block_length
     steps_per_block = c.steps // num_blocks
-    draws_noise = c.temperature > 0 or c.remasking == "random"
     step_logits = _StepLogits(model_fn, c, attention_mask, prompt_index, mask_id)
     step = 0
     for block in range(num_blocks):
@@ -255,36 +324,31 @@ def generate(model_fn: LogitsFn, prompt: torch.Tensor, *, mask_id: int, eos_id: 
             counts = transfer_counts((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)
         i = 0
         while True:
-            first, logits = step_logits(x, i, start, end)
-            logits = logits.double()
-            seen = x[:, first:first + logits.shape[1]]
+            (first, stop), covered, logits = step_logits(x, i, start, end)  # in the dtype the model returned
+            seen = x[:, covered:covered + logits.shape[1]]
             mask_index = seen == mask_id
             if c.logits_eos_inf:
                 logits[:, :, eos_id] = -torch.inf
-            scores = gumbel_perturbed(logits, c.temperature, generator) if draws_noise else logits
+            scores = gumbel_perturbed(logits, c.temperature, generator) if c.temperature > 0 else logits
             if c.threshold is not None:  # a revealed mask would stay masked: the block could never end
                 scores = scores.index_fill(-1, torch.tensor([mask_id], device=x.device), -torch.inf)
             predicted = scores.argmax(dim=-1)
             if c.remasking == "low_confidence":
-                if c.confidence_eos_eot != "off":
-                    zeroed = [eot_id] if c.confidence_eos_eot == "official" else [eos_id, eot_id]
-                    logits[:, :, zeroed] = -torch.inf
-                confidence = F.softmax(logits, dim=-1).gather(-1, predicted[..., None]).squeeze(-1)
-            else:
-                confidence = torch.rand(predicted.shape, generator=generator, device=x.device)
-            confidence[:, end - first:] = -torch.inf
+                confidence = _confidence(logits, predicted, c, eos_id, eot_id)
+            else:  # one draw per position of the forward, as the official code draws over the sequence
+                confidence = torch.rand((b, stop - first), generator=generator, device=x.device)
+                confidence = confidence[:, covered - first:covered - first + predicted.shape[1]]
+            confidence[:, end - covered:] = -torch.inf
             predicted = torch.where(mask_index, predicted, seen)
             confidence = torch.where(mask_index, confidence, -torch.inf)
+            candidates = mask_index[:, :end - covered].sum(dim=1)
             for row in range(b):
-                if c.threshold is None:
-                    chosen = torch.topk(confidence[row], k=int(counts[row, i])).indices
-                elif bool(mask_index[row, start - first:end - first].any()):
-                    chosen = torch.cat([torch.topk(confidence[row], k=1).indices,
-                                        (confidence[row] >= c.threshold).nonzero().flatten()]).unique()
-                else:
+                count = int(counts[row, i] if c.threshold is None else candidates[row])
+                if count == 0:
                     continue
-                x[row, first + chosen] = predicted[row, chosen]
-                newly = first + chosen[(first + chosen >= p) & mask_index[row, chosen]]
+                chosen = _chosen(confidence[row], count, c.threshold)
+                x[row, covered + chosen] = predicted[row, chosen]
+                newly = covered + chosen[(covered + chosen >= p) & mask_index[row, chosen]]
                 reveal_step[row, newly - p] = step
             step += 1
             i += 1

@@ -23,9 +23,19 @@ likelihood: `mc_num` (128), `mc_batch_size` (16: Monte Carlo rows per forward, t
 `batch_size`; lm-eval's own `--batch_size` is always passed, so it is the number of prompts per
 sampler batch here), `cfg_scale` (also used by the sampler), `check_greedy` (False), `seed` (0);
 sampler: `steps`, `gen_length`, `block_length`, `temperature`, `remasking`, `logits_eos_inf`,
-`confidence_eos_eot`, `stop_at_eos`, and fast decoding's `threshold`, `cache`,
-`cache_refresh_every` (defaults of `SamplerConfig`). A request's generation kwargs other than
-`until` and `max_gen_toks` are ignored.
+`confidence_eos_eot`, `confidence_dtype`, `logits_at` (`block`: the same tokens with less work),
+`stop_at_eos` (default: `cut_at_eos_eot`), and fast decoding's
+`threshold`, `cache`, `cache_refresh_every` (defaults of `SamplerConfig`); the stack's own
+generation choices, both off by default: `cut_at_eos_eot`, `shrink_to_max_gen_toks` (below). A
+request's generation kwargs other than `until` (and `max_gen_toks` under
+`shrink_to_max_gen_toks`) are ignored, as the official code ignores them.
+
+Text goes in as the official harness tokenizes it, `tokenizer(text)`: the tokenizer.json's
+post-processor applies (`harness_encode`). As far as the official code shows, the released LLaDA
+tokenizer adds no BOS that way (its chat template writes BOS itself, and the official chat.py
+drops exactly one leading token of each later turn's rendered ids), and the tokenizers this stack
+trains have no post-processor, so prompts carry no BOS; a tokenizer.json whose post-processor adds
+one gets it here as it does in the official code.
 
 - loglikelihood: the official split (trailing whitespace of the context moves to the
   continuation; the continuation's ids are those of context + continuation after the context's
@@ -33,11 +43,21 @@ sampler: `steps`, `gen_length`, `block_length`, `temperature`, `remasking`, `log
   the same request gets the same estimate on any number of ranks. is_greedy is False unless
   `check_greedy`, which runs the official `suffix_greedy_prediction` (from the answer fully
   masked, reveal the single most confident prediction per step, L forwards) through the sampler.
-  Contexts are cut on the left to fit `max_sequence_length`.
-- generate_until: prompts left-padded in batches of `batch_size`; `max_gen_toks` caps the answer,
-  in whole blocks (gen_length = ceil(min(gen_length, max_gen_toks) / block_length) blocks, the
-  same steps per block), the answer cut at EOS/EoT, then at `max_gen_toks` tokens, decoded
-  without special tokens, then cut at the first of the request's `until` strings.
+  Contexts are cut on the left to fit `max_sequence_length` (the official code refuses them).
+- generate_until, as the official `eval_llada.py`: the canvas is always `gen_length` masks
+  (`max_gen_toks` is not read: the number of trailing masks changes every prediction, the first
+  block's included), the sampler runs without an early stop, and `answer_text` decodes the whole
+  generated canvas with its special tokens, cuts it at each `until` string in turn, then encodes
+  and decodes it again without special tokens (text after an EOS stays). Prompts are left-padded
+  in batches of `batch_size` (the official code runs one prompt at a time: batch_size 1) and cut
+  on the left to leave room for the canvas. The official code samples at temperature 0 whatever
+  its arguments say; `temperature` (default 0) is kept here. `cut_at_eos_eot`: cut the generated ids at the first
+  EOS, then at the first EoT, before decoding (the sampler may then stop early).
+  `shrink_to_max_gen_toks`: the canvas is the whole blocks that hold min(gen_length, max_gen_toks)
+  tokens (the same steps per block) and the answer is cut to max_gen_toks tokens.
+- apply_chat_template (lm-eval's `--apply_chat_template`, which the official harness does not
+  support): the dialogue as text in the released chat format, rendered from the template the
+  export writes, as Hugging Face renders it.
 - loglikelihood_rolling: not implemented (a masked diffusion model has no left-to-right
   factorisation to roll over windows of a long document).
 
@@ -59,18 +79,63 @@ import logging
 
 import torch
 import torch.distributed as dist
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from data_pipeline.seeding import keyed_generator
+from data_pipeline.tokenizer import SPECIAL_TOKENS, TokenizerInfo
+from pretrain.checkpoint.hf_export import CHAT_TEMPLATE
 from pretrain.diffusion.likelihood import conditional_log_likelihood
-from pretrain.diffusion.sampling import SamplerConfig, all_ranks_agree, generate, left_pad
-from pretrain.evaluation.tasks import cut_at_stops, encode_pair
+from pretrain.diffusion.sampling import SamplerConfig, all_ranks_agree, generate, left_pad, strip_at_eos
+from pretrain.evaluation.tasks import encode_pair
 from pretrain.inference.loading import load_model
 
 log = logging.getLogger(__name__)
+
+# The released chat template, rendered as Hugging Face's `apply_chat_template(..., tokenize=False)`
+# renders it (a sandboxed jinja environment with trim_blocks and lstrip_blocks).
+_CHAT = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(CHAT_TEMPLATE)
+
+
+def harness_encode(tok: TokenizerInfo, text: str) -> list[int]:
+    """The ids the official harness gets from `tokenizer(text)["input_ids"]`: special-token
+    strings in `text` become their ids and the tokenizer.json's post-processor (a BOS template,
+    if it has one) applies."""
+    return tok.tokenizer.encode(text, add_special_tokens=True).ids
+
+
+class _HarnessTokenizer:
+    """`tok` with `encode` as the official harness encodes, for `encode_pair`."""
+
+    def __init__(self, tok: TokenizerInfo):
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return harness_encode(self.tok, text)
+
+
+def answer_text(tok: TokenizerInfo, answer_ids: list[int], gen_kwargs: dict, *, cut_at_eos_eot: bool = False,
+                cap_at_max_gen_toks: bool = False) -> str:
+    """The text lm-eval gets for the generated ids (the canvas after the prompt) of a request with
+    `gen_kwargs`, as the official `eval_llada.py` makes it: decode with the special tokens, cut at
+    each `until` string in turn (keep the text before its first occurrence), then encode and
+    decode again without the special tokens, so text after an EOS stays. An `until` given as one
+    string is one stop string (the official loop would take its characters), and an empty stop
+    string is skipped (the official split raises on it). cut_at_eos_eot: first cut the ids at the first
+    EOS, then at the first EoT. cap_at_max_gen_toks: first keep `max_gen_toks` ids at most."""
+    if cut_at_eos_eot:
+        answer_ids = strip_at_eos(strip_at_eos(answer_ids, tok.eos_id), tok.special_ids["eot"])
+    if cap_at_max_gen_toks and "max_gen_toks" in gen_kwargs:
+        answer_ids = answer_ids[:int(gen_kwargs["max_gen_toks"])]
+    until = gen_kwargs.get("until") or []
+    text = tok.decode(answer_ids, skip_special_tokens=False)
+    for stop in [until] if isinstance(until, str) else until:
+        if stop and stop in text:
+            text = text.split(stop)[0]
+    return tok.decode(harness_encode(tok, text), skip_special_tokens=True)
 
 
 @register_model("llada_stack")
@@ -79,6 +144,7 @@ class LLaDAStackLM(LM):
                  fuse_projections: bool = False, mc_num: int = 128, mc_batch_size: int = 16,
                  cfg_scale: float = 0.0,
                  check_greedy: bool = False, seed: int = 0, batch_size: int | str = 1,
+                 cut_at_eos_eot: bool = False, shrink_to_max_gen_toks: bool = False,
                  device: str | None = None, **sampler: object):
         super().__init__()
         if mc_batch_size < 1 or mc_num < 1 or mc_num % mc_batch_size:
@@ -91,6 +157,10 @@ class LLaDAStackLM(LM):
         unknown = sorted(set(sampler) - fields)
         if unknown:
             raise ValueError(f"llada_stack: unknown model_args {', '.join(unknown)}")
+        sampler.setdefault("stop_at_eos", cut_at_eos_eot)
+        if sampler["stop_at_eos"] and not cut_at_eos_eot:
+            raise ValueError("llada_stack: stop_at_eos needs cut_at_eos_eot: the official answer keeps the text "
+                             "after an EOS, which an early stop leaves masked")
         self.sampler = SamplerConfig(cfg_scale=cfg_scale, **sampler)
         problems = self.sampler.problems()
         if problems:
@@ -104,6 +174,7 @@ class LLaDAStackLM(LM):
         self.mc_num, self.mc_batch_size, self.cfg_scale = mc_num, mc_batch_size, cfg_scale
         self.check_greedy, self.seed, self.batch_size = check_greedy, seed, int(batch_size)
         self.tensor_parallel = tensor_parallel
+        self.cut_at_eos_eot, self.shrink_to_max_gen_toks = cut_at_eos_eot, shrink_to_max_gen_toks
         self._rank, self._world_size = self.model.dp_rank, self.model.dp_size
         self._agree = all_ranks_agree if self.model.distributed else (lambda done: done)
         self._forwards = 0
@@ -131,7 +202,8 @@ class LLaDAStackLM(LM):
     # -- lm-eval's request types --------------------------------------------------------------
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        results = [self._score(request, *encode_pair(self.tok, *request.args))
+        encoder = _HarnessTokenizer(self.tok)
+        results = [self._score(request, *encode_pair(encoder, *request.args))
                    for request in tqdm(requests, desc="llada_stack loglikelihood", disable=self.rank != 0)]
         self._even_out_forwards()
         return results
@@ -158,6 +230,19 @@ class LLaDAStackLM(LM):
                           eot_id=self.tok.special_ids["eot"], config=config)
         return bool((sample.ids[0, prompt.numel():] == answer).all())
 
+    @property
+    def tokenizer_name(self) -> str:
+        """Names the tokenizer in lm-eval's cache of chat-formatted requests."""
+        return f"llada_stack-{self.tok.sha256[:16]}"
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's `--apply_chat_template`: the dialogue in the released chat format, as text (BOS,
+        each message between its header and EoT, the assistant header), which the requests then
+        encode as the official generate.py and chat.py encode a rendered template. The official
+        eval_llada.py has no chat template (lm-eval refuses the flag there)."""
+        return _CHAT.render(messages=chat_history, bos_token=SPECIAL_TOKENS["bos"],
+                            add_generation_prompt=add_generation_prompt)
+
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         raise NotImplementedError(
             "llada_stack: loglikelihood_rolling (perplexity tasks such as wikitext) is not supported: "
@@ -168,22 +253,22 @@ class LLaDAStackLM(LM):
         if self.sampler.gen_length >= self.max_length:
             raise ValueError(f"llada_stack: gen_length {self.sampler.gen_length} leaves no room for a "
                              f"prompt in max_sequence_length {self.max_length}")
-        by_blocks: dict[int, list[int]] = {}
+        by_length: dict[int, list[int]] = {}
         for position, request in enumerate(requests):
-            by_blocks.setdefault(self._blocks(self._max_tokens(request)), []).append(position)
-        batches = {blocks: -(-len(positions) // self.batch_size) for blocks, positions in by_blocks.items()}
+            by_length.setdefault(self._gen_length(request), []).append(position)
+        batches = {length: -(-len(positions) // self.batch_size) for length, positions in by_length.items()}
         if self.model.distributed:
             shares: list[dict[int, int]] = [{}] * dist.get_world_size()
             dist.all_gather_object(shares, batches)
-            batches = {blocks: max(share.get(blocks, 0) for share in shares)
-                       for blocks in set().union(*shares)}
+            batches = {length: max(share.get(length, 0) for share in shares)
+                       for length in set().union(*shares)}
         outputs: list[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), desc="llada_stack generate_until", disable=self.rank != 0)
-        for blocks in sorted(batches):
-            positions = by_blocks.get(blocks, [])
-            config = dataclasses.replace(self.sampler, gen_length=blocks * self.sampler.block_length,
-                                         steps=blocks * self._steps_per_block)
-            for start in range(0, batches[blocks] * self.batch_size, self.batch_size):
+        for length in sorted(batches):
+            positions = by_length.get(length, [])
+            config = dataclasses.replace(self.sampler, gen_length=length,
+                                         steps=length // self.sampler.block_length * self._steps_per_block)
+            for start in range(0, batches[length] * self.batch_size, self.batch_size):
                 batch = positions[start:start + self.batch_size]
                 texts = self._generate_batch([requests[p] for p in batch], config)
                 for position, text in zip(batch, texts):
@@ -197,17 +282,19 @@ class LLaDAStackLM(LM):
     def _steps_per_block(self) -> int:
         return self.sampler.steps // (self.sampler.gen_length // self.sampler.block_length)
 
-    def _max_tokens(self, request: Instance) -> int:
-        return int(request.args[1].get("max_gen_toks", self.sampler.gen_length))
-
-    def _blocks(self, max_tokens: int) -> int:
-        length = min(self.sampler.gen_length, max(max_tokens, 1))
-        return -(-length // self.sampler.block_length)
+    def _gen_length(self, request: Instance) -> int:
+        """The canvas: gen_length, or under shrink_to_max_gen_toks the whole blocks that hold
+        min(gen_length, max_gen_toks) tokens."""
+        if not self.shrink_to_max_gen_toks:
+            return self.sampler.gen_length
+        wanted = int(request.args[1].get("max_gen_toks", self.sampler.gen_length))
+        length = min(self.sampler.gen_length, max(wanted, 1))
+        return -(-length // self.sampler.block_length) * self.sampler.block_length
 
     def _generate_batch(self, requests: list[Instance], config: SamplerConfig) -> list[str]:
         """Answers to `requests`; an empty list runs a dummy batch (a one-token prompt) in lockstep."""
         room = self.max_length - config.gen_length
-        prompts = [self.tok.encode(r.args[0])[-room:] for r in requests] or [[self.tok.eos_id]]
+        prompts = [harness_encode(self.tok, r.args[0])[-room:] for r in requests] or [[self.tok.eos_id]]
         ids, mask = left_pad(prompts, self.tok.eos_id, device=self.device)
         key = (requests[0].task_name, requests[0].doc_id, requests[0].idx) if requests else ("dummy",)
         sample = generate(self._logits, ids, mask_id=self.tok.mask_id, eos_id=self.tok.eos_id,
@@ -215,14 +302,10 @@ class LLaDAStackLM(LM):
                           attention_mask=None if bool(mask.all()) else mask,
                           generator=keyed_generator(self.seed, "lm_eval_generate", *key, device=self.device),
                           agree=self._agree)
-        eot = self.tok.special_ids["eot"]
-        texts = []
-        for request, answer in zip(requests, sample.answers(self.tok.eos_id)):
-            answer = answer[:answer.index(eot)] if eot in answer else answer
-            text = self.tok.decode(answer[:self._max_tokens(request)], skip_special_tokens=True)
-            until = request.args[1].get("until") or []
-            texts.append(cut_at_stops(text, [until] if isinstance(until, str) else until))
-        return texts
+        canvases = sample.ids[:, sample.prompt_length:].tolist()
+        return [answer_text(self.tok, canvas, request.args[1], cut_at_eos_eot=self.cut_at_eos_eot,
+                            cap_at_max_gen_toks=self.shrink_to_max_gen_toks)
+                for request, canvas in zip(requests, canvases)]
 
     # -- what lm-eval's evaluator calls to split and gather over ranks -------------------------
 

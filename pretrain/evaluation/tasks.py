@@ -37,7 +37,14 @@ from typing import Any
 
 import yaml
 
-from pretrain.diffusion.sampling import CACHE_MODES, CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig
+from pretrain.diffusion.sampling import (
+    CACHE_MODES,
+    CONFIDENCE_DTYPES,
+    CONFIDENCE_EOS_EOT,
+    LOGITS_AT,
+    REMASKING,
+    SamplerConfig,
+)
 
 TASK_TYPES = ("multiple_choice", "generation")
 COMMON_FIELDS = ("name", "type", "path")
@@ -82,7 +89,9 @@ class GenerationExample:
 def _sampler_fields() -> dict[str, tuple[Any, Any]]:
     kinds = {"steps": "posint", "gen_length": "posint", "block_length": "posint", "temperature": "nonneg",
              "cfg_scale": "nonneg", "remasking": REMASKING, "logits_eos_inf": "bool",
-             "confidence_eos_eot": CONFIDENCE_EOS_EOT, "stop_at_eos": "bool", "threshold": "nonneg",
+             "confidence_eos_eot": CONFIDENCE_EOS_EOT, "confidence_dtype": CONFIDENCE_DTYPES,
+             "logits_at": LOGITS_AT,
+             "stop_at_eos": "bool", "threshold": "nonneg",
              "cache": CACHE_MODES, "cache_refresh_every": "posint"}
     return {f.name: (kinds[f.name], f.default) for f in dataclasses.fields(SamplerConfig)}
 
@@ -173,16 +182,22 @@ def load_tasks(path: str | Path) -> list[Task]:
     """The validated tasks of a YAML task file (data files are not read here)."""
     path = Path(path)
     if not path.is_file():
-        raise TaskFileError(f"{path}: no such task file")
+        raise TaskFileError(f"{path}: no such task file; give a YAML list of tasks (see recipes/eval_tasks.yaml)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise TaskFileError(f"{path}: not valid YAML: {error}") from None
+    return parse_tasks(raw, path)
+
+
+def parse_tasks(raw: Any, where: Path) -> list[Task]:
+    """The validated tasks of a task list already read (a task file's YAML, or a preset's entry);
+    relative data paths resolve against `where`'s directory."""
     if not isinstance(raw, list) or not raw:
-        raise TaskFileError(f"{path}: expected a non-empty YAML list of tasks "
+        raise TaskFileError(f"{where}: expected a non-empty YAML list of tasks "
                             f"(- name: ..., type: ..., path: ...)")
     seen: set[str] = set()
-    return [_task(item, i, path, seen) for i, item in enumerate(raw)]
+    return [_task(item, i, where, seen) for i, item in enumerate(raw)]
 
 
 # ---- data ----------------------------------------------------------------------------------------

@@ -2,15 +2,26 @@
 
 `add_model_flags` says which model to load and how to lay it out over ranks; `add_sampler_flags`
 exposes every field of `SamplerConfig` (the official sampler and fast decoding), and
-`sampler_config` turns them back into a checked config.
+`sampler_config` turns them back into a checked config (a `UsageError` names the bad values).
+`run_sampling_command` runs a command's work with its predictable failures as one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
-from pretrain.diffusion.sampling import CACHE_MODES, CONFIDENCE_EOS_EOT, REMASKING, SamplerConfig
+from pretrain.checkpoint.weights import WEIGHTS_ERRORS
+from pretrain.diffusion.sampling import (
+    CACHE_MODES,
+    CONFIDENCE_DTYPES,
+    CONFIDENCE_EOS_EOT,
+    LOGITS_AT,
+    REMASKING,
+    SamplerConfig,
+)
 from pretrain.inference.loading import InferenceModel, load_model
+from pretrain.runtime.exit_codes import USAGE, UsageError, command_failures, run_command
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +37,14 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remasking", choices=REMASKING, default=d.remasking)
     parser.add_argument("--logits-eos-inf", action="store_true", help="never predict EOS")
     parser.add_argument("--confidence-eos-eot", choices=CONFIDENCE_EOS_EOT, default=d.confidence_eos_eot,
-                        help="official: EoT's confidence zeroed (the official flag's behaviour); "
-                             "both: EOS's and EoT's (the intended one)")
+                        help="official: the official flag (EOS's and EoT's confidence zeroed at "
+                             "temperature 0, EoT's alone above it); both: EOS's and EoT's at every temperature")
+    parser.add_argument("--confidence-dtype", choices=CONFIDENCE_DTYPES, default=d.confidence_dtype,
+                        help="softmax of the confidence: model (the logits' dtype, as the official code) "
+                             "or float64 (as Fast-dLLM)")
+    parser.add_argument("--logits-at", choices=LOGITS_AT, default=d.logits_at,
+                        help="block: the LM head, softmax and argmax at the current block only (the same "
+                             "tokens at temperature 0, less work; above it the noise covers the block only)")
     parser.add_argument("--no-stop-at-eos", action="store_true",
                         help="run every step even when every answer has ended")
     parser.add_argument("--threshold", type=float, default=d.threshold,
@@ -59,14 +76,23 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
     config = SamplerConfig(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                            temperature=args.temperature, cfg_scale=args.cfg_scale,
                            remasking=args.remasking, logits_eos_inf=args.logits_eos_inf,
-                           confidence_eos_eot=args.confidence_eos_eot, stop_at_eos=not args.no_stop_at_eos,
+                           confidence_eos_eot=args.confidence_eos_eot, confidence_dtype=args.confidence_dtype,
+                           logits_at=args.logits_at, stop_at_eos=not args.no_stop_at_eos,
                            threshold=args.threshold, cache=args.cache, cache_refresh_every=args.cache_refresh_every)
     problems = config.problems()
     if problems:
-        raise SystemExit("generate: " + "; ".join(problems))
+        raise UsageError("; ".join(problems))
     return config
 
 
 def open_model(args: argparse.Namespace) -> InferenceModel:
     return load_model(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel,
                       zero_stage=args.zero_stage, fuse_projections=args.fuse_projections)
+
+
+def run_sampling_command(command: str, action: Callable[[], int | None],
+                         usage_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """`action()`'s exit code; a bad flag, path or model (or one of `usage_errors`) is the line
+    `<command> error: <message>` on stderr and exit code 2 (`pretrain.runtime.exit_codes`)."""
+    return run_command(action, command_failures(command, dict.fromkeys((UsageError, *WEIGHTS_ERRORS, *usage_errors),
+                                                                       USAGE)))

@@ -39,7 +39,7 @@ _BUILD_SEED = 1234
 
 @dataclass
 class InferenceModel:
-    """Callable as `model(ids, attention_mask=None) -> fp32 logits`; knows its tokenizer and
+    """Callable as `model(ids, attention_mask=None) -> logits` (in the model's dtype); knows its tokenizer and
     this rank's data-parallel coordinates: examples are split over the data-parallel ranks and
     gathered over `dp_group` (tensor-parallel peers hold the same examples; None: the world)."""
     module: torch.nn.Module

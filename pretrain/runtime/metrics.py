@@ -1,8 +1,10 @@
-"""Where a run's numbers go: a JSONL file, TensorBoard and a progress bar, from rank 0 only.
+"""Where a run's numbers go: a JSONL file, TensorBoard, experiment trackers and a progress bar,
+from rank 0 only.
 
 Every logged record is one JSON object per line (`metrics.jsonl` in the run directory) with
 the optimizer step and the tokens seen, so runs can be compared and plotted without
-TensorBoard; TensorBoard gets the same scalars. The progress bar shows loss, tokens/s and ETA.
+TensorBoard; TensorBoard and the configured trackers (`pretrain.runtime.trackers`: W&B, MLflow)
+get the same scalars. The progress bar shows loss, tokens/s and ETA.
 """
 
 from __future__ import annotations
@@ -10,16 +12,26 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
+
+from pretrain.runtime.trackers import TrackerSink
+
+
+def scalars_of(record: dict) -> dict[str, float]:
+    """A record's finite numbers (step and time are the axes, not values)."""
+    return {key: value for key, value in record.items()
+            if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value)}
 
 
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, *, total_steps: int, start_step: int = 0,
                  enabled: bool = True, jsonl: bool = True, tensorboard: bool = True,
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, trackers: Sequence[TrackerSink] = ()):
         self.enabled = enabled
+        self._trackers = list(trackers)
         self._jsonl = None
         self._tb = None
         self._bar = None
@@ -41,10 +53,12 @@ class MetricsLogger:
         record = {"step": step, "time": round(time.time(), 3), **record}
         if self._jsonl:
             self._jsonl.write(json.dumps(record) + "\n")
+        scalars = scalars_of(record)
         if self._tb:
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        for tracker in self._trackers if scalars else ():
+            tracker.log_scalars(step, scalars)
 
     def advance(self, loss: float, tokens_per_s: float) -> None:
         if self._bar is not None:
@@ -60,6 +74,8 @@ class MetricsLogger:
             print(text, flush=True)
 
     def close(self) -> None:
+        for tracker in self._trackers:
+            tracker.finish()
         for handle in (self._bar, self._tb, self._jsonl):
             if handle is not None:
                 handle.close()

@@ -23,6 +23,7 @@ from parallel.model_config import ModelConfig, preset
 from pretrain.diffusion.sampling import SamplerConfig
 from pretrain.runtime.guard_rails import GuardConfig
 from pretrain.runtime.throughput import FastConfig, ProfileConfig
+from pretrain.runtime.trackers import MlflowConfig, WandbConfig
 from pretrain.training.schedule import ScheduleConfig
 from pretrain.training.typed_yaml import ConfigError, apply_mapping, parse_override
 
@@ -264,13 +265,23 @@ class LoggingConfig:
     # A warning names the slowest rank when its step time exceeds this many times the median
     # rank's (0: no warning; the straggler/* metrics are logged either way).
     straggler_factor: float = 1.5
+    # Experiment trackers beside metrics.jsonl and TensorBoard (null: off), optional extras:
+    # `wandb: {project, entity, name, mode}` (pip install -e .[wandb]) and
+    # `mlflow: {tracking_uri, experiment}` (pip install -e .[mlflow]). A resume continues the
+    # same tracker run (its id is kept in the checkpoint).
+    wandb: WandbConfig | None = None
+    mlflow: MlflowConfig | None = None
 
-    def problems(self) -> list[str]:
+    def problems(self, check_packages: bool = True) -> list[str]:
+        """check_packages: a configured tracker's package is installed."""
         out = []
         if self.every <= 0:
             out.append("logging.every: must be positive")
         if self.straggler_factor != 0 and not self.straggler_factor > 1:
             out.append(f"logging.straggler_factor: must be 0 (no warning) or > 1, got {self.straggler_factor}")
+        for tracker in (self.wandb, self.mlflow):
+            if tracker is not None:
+                out += tracker.problems(check_packages)
         return out
 
 
@@ -318,8 +329,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
                 check_paths: bool = True) -> RunConfig:
     """Build and validate a RunConfig from a YAML file (or defaults) and overrides.
 
-    check_paths=False skips the checks that data and tokenizer files exist (a --dry-run plans
-    a cluster launch on a machine that need not hold the data)."""
+    check_paths=False skips the checks that data and tokenizer files exist and that configured
+    trackers' packages are installed (a --dry-run plans a cluster launch on a machine that need
+    not hold the data)."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -362,8 +374,8 @@ def config_problems(cfg: RunConfig, check_paths: bool = True) -> list[str]:
     own (`problems()`), then the checks that span sections."""
     t, d, v = cfg.train, cfg.data, cfg.validation
     out = [*cfg.model.problems(), *cfg.schedule.problems(total_steps_from_run=t.epochs > 0),
-           *t.problems(check_paths), *d.problems(check_paths)]
-    for section in (cfg.optim, cfg.memory, v, cfg.checkpoint, cfg.guard, cfg.logging, cfg.sample, cfg.profile):
+           *t.problems(check_paths), *d.problems(check_paths), *cfg.logging.problems(check_paths)]
+    for section in (cfg.optim, cfg.memory, v, cfg.checkpoint, cfg.guard, cfg.sample, cfg.profile):
         out += section.problems()
     if t.objective in OBJECTIVES and cfg.model.causal != (t.objective == "arm"):
         out.append(f"model.causal: is {cfg.model.causal} but train.objective is {t.objective!r}; "

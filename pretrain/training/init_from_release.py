@@ -41,7 +41,8 @@ def import_release(hf_dir: str | os.PathLike, out: str | os.PathLike, run: RunCo
     with new_directory(out) as tmp:
         config_path = hf_dir / "config.json"
         if not config_path.is_file():
-            raise FileNotFoundError(f"--hf {hf_dir}: no config.json; expected a directory in the released "
+            found = "no config.json" if hf_dir.is_dir() else "does not exist"
+            raise FileNotFoundError(f"--hf {hf_dir}: {found}; expected a directory in the released "
                                     f"LLaDA layout (e.g. a download of GSAI-ML/LLaDA-8B-Base)")
         released = json.loads(config_path.read_text())
         model = model_config_from_released(released, str(config_path))

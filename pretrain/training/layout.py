@@ -3,7 +3,7 @@
 A launch first turns (config, world size) into a layout: tensor-, pipeline- and data-parallel
 sizes, micro and global batch, gradient accumulation. A world that TP x PP does not divide, or a
 global batch that micro x DP does not divide, stops here with the fix. The same layout gives the
-DeepSpeed config and the per-GPU memory estimate that every launch prints and `--dry-run` prints
+DeepSpeed config and the per-device memory estimate that every launch prints and `--dry-run` prints
 alone; with pipeline stages it also prints which blocks each stage holds and each stage's
 estimate (the plan shown is the most loaded stage's).
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
+import torch
 
 from parallel.engine import use_bf16
 from parallel.engine_config import deepspeed_config
@@ -95,7 +97,8 @@ def gpu_budget_bytes(cfg: RunConfig) -> int:
 
 def launch_report(cfg: RunConfig, layout: Layout, estimates: list[MemoryEstimate]) -> str:
     """What every launch prints: the layout and the memory plan (the most loaded pipeline
-    stage's, with every stage's total) against the device budget."""
+    stage's, with every stage's total) against the device budget `memory.gpu_memory_gib`, which
+    is the GPU the plan is for even when this run is on CPU (the report then says so)."""
     worst = max(range(len(estimates)), key=lambda stage: estimates[stage].total)
     stages = []
     if layout.pipeline_parallel > 1:
@@ -106,11 +109,14 @@ def launch_report(cfg: RunConfig, layout: Layout, estimates: list[MemoryEstimate
     return "\n".join([
         f"layout: {layout.describe()}",
         *stages,
-        f"memory plan per GPU{f' (stage {worst}, the most loaded)' if stages else ''} (activation "
+        f"memory plan per device{f' (stage {worst}, the most loaded)' if stages else ''} (activation "
         f"checkpointing {cfg.memory.activation_checkpointing}, "
         f"loss chunk {cfg.memory.loss_chunk_tokens or 'whole micro-batch'}, "
         f"seq {cfg.data.seq_len}):",
         estimates[worst].table(gpu_budget_bytes(cfg)),
+        *([] if torch.cuda.is_available() else
+          [f"(no GPU here: the plan is checked against memory.gpu_memory_gib = {cfg.memory.gpu_memory_gib} GiB, "
+           f"the GPU it is for; set it to your device's memory)"]),
     ])
 
 

@@ -9,10 +9,10 @@ runs `gradient accumulation` micro-batches (their loss: the run's objective,
 `pretrain.training.objective`); the data order and 1% length cut are keyed on the data-parallel
 rank, t and the masks on (seed, step, row of the global batch); the learning rate follows the
 configured schedule keyed on tokens seen; held-out loss on a fixed t grid, checkpoints and a
-closing sample come from the config. Supervised fine-tuning (`train.objective: sft`) is the same
-loop on conversation batches with Algorithm 2, usually started from imported weights
-(`train.init_from`), validated by the Algorithm 3 bound on held-out answers, and sampled
-through the chat template.
+closing sample come from the config, and a finished run draws its curves (`loss.png`).
+Supervised fine-tuning (`train.objective: sft`) is the same loop on conversation batches with
+Algorithm 2, usually started from imported weights (`train.init_from`), validated by the
+Algorithm 3 bound on held-out answers, and sampled through the chat template.
 
 `train` is the loop's table of contents; its steps are the methods of
 `pretrain.training.trainer.Trainer`, and the run's resumable state is its `TrainState`."""
@@ -29,6 +29,7 @@ import torch
 
 from parallel import engine as ds
 from pretrain.checkpoint.store import CheckpointError, find_resume, published_steps, read_trainer_state
+from pretrain.runtime.exit_codes import UsageError
 from pretrain.runtime.guard_rails import HangWatchdog
 from pretrain.runtime.preemption import PreemptionFlag
 from pretrain.runtime.rank_failures import exit_after_collective_failure, is_collective_failure, tee_to_rank_log
@@ -42,6 +43,7 @@ from pretrain.training.layout import (
     memory_estimates,
     resolve_layout,
 )
+from pretrain.training.plots import draw_run
 from pretrain.training.trainer import Trainer
 
 
@@ -66,8 +68,9 @@ class TrainingHalted(RuntimeError):
 
 def check_run_directory(cfg: RunConfig, resume: str | None, overwrite: bool) -> None:
     """The run directory's verdict, computed by every rank alike from the (shared) file system
-    before any process group, data or engine: a bad `--resume` or a fresh start over published
-    checkpoints without `--overwrite` raises `CheckpointError` (exit 2); a resume of a checkpoint
+    before any process group, data or engine: a bad `--resume`, or a fresh start without
+    `--overwrite` over published checkpoints or an earlier run's metrics, raises `CheckpointError`
+    (exit 2); a resume of a checkpoint
     already past `train.steps` too. (The trainer resolves `--resume` again after the process
     group exists, as rank 0 sees it.)"""
     out_dir = Path(cfg.train.out_dir)
@@ -80,11 +83,16 @@ def check_run_directory(cfg: RunConfig, resume: str | None, overwrite: bool) -> 
                 raise CheckpointError(f"{point} is already at step {step} > train.steps {cfg.train.steps}; "
                                       f"raise train.steps to continue")
         return
+    if overwrite:
+        return
+    choices = "continue with --resume auto, give another train.out_dir, or pass --overwrite to move the old run aside"
     steps = published_steps(ckpt_root)
-    if steps and not overwrite:
-        raise CheckpointError(f"{ckpt_root} already holds checkpoints (steps up to "
-                              f"{steps[-1]}): continue with --resume auto, give "
-                              f"another train.out_dir, or pass --overwrite to move the old run aside")
+    if steps:
+        raise CheckpointError(f"{ckpt_root} already holds checkpoints (steps up to {steps[-1]}): {choices}")
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size:
+        raise CheckpointError(f"{out_dir} holds an earlier run's {metrics.name} (it published no checkpoint); a "
+                              f"fresh run would append to it: {choices}")
 
 
 def move_aside(cfg: RunConfig) -> list[Path]:
@@ -166,6 +174,17 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         trainer.closing_sample()
     if first_val and last_val:
         trainer.log.print(f"held-out loss {first_val['val/loss']:.4f} -> {last_val['val/loss']:.4f}")
+    if rank == 0 and cfg.logging.jsonl and trainer.state.step == cfg.train.steps:
+        trainer.log.print(curves_line(trainer.out_dir))
     trainer.close()
+
+
+def curves_line(out_dir: Path) -> str:
+    """Draws the finished run's curves (`pretrain.training.plots`) and says where; a run too short
+    to have a curve (no step logged with its token count) says so instead of failing."""
+    try:
+        return f"curves: {draw_run(out_dir)}"
+    except UsageError as why:
+        return f"no curves drawn: {why}"
 
 

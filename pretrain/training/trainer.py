@@ -32,6 +32,7 @@ from pretrain.runtime.metrics import MetricsLogger
 from pretrain.runtime.preemption import PreemptionFlag
 from pretrain.runtime.stragglers import StragglerMonitor
 from pretrain.runtime.throughput import StepProfiler
+from pretrain.runtime.trackers import open_trackers
 from pretrain.training.config import ConfigError, RunConfig
 from pretrain.training.data_setup import build_training_data
 from pretrain.training.engine_setup import build_engine, init_from_weights
@@ -126,12 +127,14 @@ class Trainer:
     def restore(self, resume: str | None) -> None:
         """Build the engine and continue the checkpoint `resume` names, if any: all of it on the
         same layout, the weights only on another (else `train.init_from`'s weights, if given); then
-        open the metrics log and print the run's header."""
+        open the metrics log (with the configured experiment trackers) and print the run's header."""
         cfg, layout, rank = self.cfg, self.layout, self.rank
         ds_config = engine_config(cfg, layout)
+        self.launch_report = ""
         if rank == 0:
             bf16 = ds.use_bf16(cfg.train.precision)
-            print(launch_report(cfg, layout, memory_estimates(cfg, layout, bf16=bf16)), flush=True)
+            self.launch_report = launch_report(cfg, layout, memory_estimates(cfg, layout, bf16=bf16))
+            print(self.launch_report, flush=True)
             (self.out_dir / "deepspeed_config.json").write_text(deepspeed_config_text(ds_config))
         last_good = resume_point(self.ckpt_root, resume)
         saved = read_trainer_state(last_good) if last_good is not None else None
@@ -168,9 +171,16 @@ class Trainer:
 
     def _open_log(self, resume_notes: list[str]) -> None:
         cfg, state = self.cfg, self.state
+        trackers = []
+        if self.rank == 0:
+            trackers = open_trackers(cfg.logging.wandb, cfg.logging.mlflow, self.out_dir, state.trackers,
+                                     config={**cfg.to_dict(), "layout": state.layout},
+                                     launch_report=self.launch_report, step=state.step, resume_notes=resume_notes)
+            state.trackers = {tracker.name: tracker.run_id for tracker in trackers}
         self.log = MetricsLogger(self.out_dir, total_steps=cfg.train.steps, start_step=state.step,
                                  enabled=self.rank == 0, jsonl=cfg.logging.jsonl,
-                                 tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+                                 tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+                                 trackers=trackers)
         self.log.print(f"model {parameter_count(cfg.model) / 1e6:.2f}M params | tokenizer {self.tok.vocab_size} | "
                        f"data {self.data.description} | {self.layout.describe()} | "
                        f"engine DP {self.engine.dp_world_size}")

@@ -1,13 +1,17 @@
-"""An independent transcription of Fast-dLLM's threshold decoding (NVlabs/Fast-dLLM, llada/generate.py:
-`generate` with `threshold`, its `get_transfer_index`), used only by the tests as the reference the
-sampler's threshold path must reproduce.
+"""An independent transcription of Fast-dLLM's threshold decoding (NVlabs/Fast-dLLM, llada/generate.py
+as stored at f6b35ec3f1b16e1b3d3357938046559ae2d350fa: `generate` with `threshold`, its
+`get_transfer_index`), used only by the tests as the reference the sampler's threshold path must
+reproduce.
 
 It keeps that code's structure: the global RNG (seeded by the caller), Gumbel noise only at
-temperature > 0, the float64 softmax confidence of the prediction, candidates = masked positions
-up to the end of the current block, a per-row top-k over all candidates of which the first is
-always kept and the others only when their confidence is not below the threshold (so >=), and a
-block that runs until no row has a mask left in it. It records the step that revealed each
-generated position by comparing the sequence before and after every step.
+temperature > 0, the prediction as the argmax over the logits in their own dtype (greedy), the
+softmax confidence of the prediction always in float64 (the sampler's `confidence_dtype="float64"`;
+the same as "model" for float64 logits), candidates = masked positions up to the end of the
+current block, a per-row top-k over all candidates of which the first is always kept and the
+others only when their confidence is not below the threshold (so >=), and a block that runs until
+no row has a mask left in it. Fast-dLLM has no EOS/EoT flags, no cfg and no early stop. It records
+the step that revealed each generated position by comparing the sequence before and after every
+step.
 """
 
 import torch

@@ -7,8 +7,20 @@ bidirectional attention, RMSNorm in fp32 cast back before the weight, SwiGLU, Ne
 RoPE in fp32, grouped-query attention and no biases. On top it takes an `attention_mask` for
 left-padded batched inference (padding keys are hidden and each row's RoPE positions start at
 its first real token) and supports transformers' gradient checkpointing. It returns logits
-only: the masked diffusion loss and sampling live in the training stack. Works with
-transformers 4.46 through 5.x.
+only: the masked diffusion loss and sampling live in the training stack. Works, without
+warnings, with transformers 4.46 up to (not including) 6.
+
+The output is `LLaDAOutput`: `logits`, `cache` (the KV cache below, or None) and
+`hidden_states`. Its cache field is named `cache` on every transformers version: transformers
+5.24 renamed the cache field of its own output classes from `past_key_values` to `cache` and
+warns when one is built or read under the old name. `out.past_key_values`, the name of the
+forward argument, reads the same field as `out.cache`, without a warning, on every version.
+
+Logits at selected positions: `logits_positions` (a 1-D LongTensor of indices, or a `slice`,
+along the input's sequence dimension) applies the final norm and the head only there, so
+`model(ids, logits_positions=p).logits` equals `model(ids).logits[:, p]`, [b, len(p), vocab],
+without the head's cost elsewhere (a sampler reveals tokens of the current block only). With
+a cache window the indices count from the window's first position, as the window's logits do.
 
 KV cache for fast decoding (Fast-dLLM's block-wise approximate cache). Attention is
 bidirectional, so a cache does not grow token by token as for an autoregressive model: it
@@ -20,6 +32,9 @@ recomputes a window of positions against it.
     out = model(ids[:, start:end], attention_mask=mask,        # mask: still the whole [b, s]
                 past_key_values=cache, cache_position=torch.arange(start, end))
     out.logits                                                 # [b, end - start, vocab]
+    out = model(ids[:, start:], attention_mask=mask, past_key_values=cache,
+                cache_position=torch.arange(start, s), logits_positions=slice(0, end - start))
+    out.logits                                                 # the same, from a longer window
 
 The window's positions keep their absolute RoPE positions and attend to every position: to
 the cached keys and values outside the window and to their own fresh ones, which replace the
@@ -31,12 +46,13 @@ sampler (the training stack's `pretrain.diffusion.sampling`, or Fast-dLLM-style 
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from .configuration_llada import LLaDAConfig
 
@@ -90,6 +106,21 @@ class LLaDAKVCache:
         keys[:, start:start + k.shape[1]] = k
         values[:, start:start + v.shape[1]] = v
         return keys, values
+
+
+@dataclass
+class LLaDAOutput(ModelOutput):
+    """logits [b, s or len(logits_positions), vocab] in the model's dtype; the KV cache (an LLaDAKVCache) when
+    one was passed or asked for; the embeddings and every block's output when asked for."""
+
+    logits: torch.Tensor | None = None
+    cache: LLaDAKVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> LLaDAKVCache | None:
+        """The cache, under the forward argument's name (see the module docstring)."""
+        return self.cache
 
 
 def _check_supported(config: LLaDAConfig) -> None:
@@ -195,11 +226,13 @@ class LLaDAModel(nn.Module):
         if not config.weight_tying:
             self.transformer["ff_out"] = nn.Linear(d, rows, bias=False)
 
-    def forward(self, x, attention_mask, output_hidden_states, cache=None, start=None):
-        """x: [b, w, d] embeddings -> (ln_f output, the embeddings and every block's output
-        when output_hidden_states, else None). Without a cache x is the whole sequence (w = s);
-        with an empty cache too, and the cache is filled; with a filled one x is the window at
-        positions start .. start + w of the cached sequence of s."""
+    def forward(self, x, attention_mask, output_hidden_states, cache=None, start=None,
+                logits_positions=None):
+        """x: [b, w, d] embeddings -> (ln_f output at logits_positions of x, all when None; the
+        embeddings and every block's output when output_hidden_states, else None). Without a
+        cache x is the whole sequence (w = s); with an empty cache too, and the cache is filled;
+        with a filled one x is the window at positions start .. start + w of the cached
+        sequence of s."""
         b, w, _ = x.shape
         s = cache.length if start is not None else w
         key_mask, positions = None, torch.arange(s, device=x.device)[None]
@@ -230,11 +263,11 @@ class LLaDAModel(nn.Module):
                 x = block(x, cos, sin, key_mask)
             if output_hidden_states:
                 hidden += (x,)
-        return self.transformer.ln_f(x), hidden
+        return self.transformer.ln_f(_at_positions(x, logits_positions)), hidden
 
 
 class LLaDAModelLM(PreTrainedModel):
-    """Token ids (or embeddings) -> fp32 logits over the vocabulary, bidirectionally: the
+    """Token ids (or embeddings) -> logits over the vocabulary (in the model's dtype), bidirectionally: the
     masked diffusion denoiser. Optionally with the window KV cache described in the module
     docstring; no loss (the masked diffusion loss belongs to the training stack)."""
 
@@ -268,13 +301,14 @@ class LLaDAModelLM(PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
                 output_hidden_states=None, return_dict=None, use_cache=None,
-                past_key_values=None, labels=None, **kwargs):
+                past_key_values=None, labels=None, logits_positions=None, **kwargs):
         """input_ids [b, s] (or inputs_embeds [b, s, d]); attention_mask [b, s], 1 at real
-        tokens and 0 at (left) padding. Returns CausalLMOutputWithPast with fp32 logits
-        [b, s, rows] and, when asked, hidden_states: the embeddings and each block's output
-        (before the final norm). KV cache (module docstring): `use_cache=True` or an empty
-        `past_key_values` (an LLaDAKVCache) fills one over the whole sequence and returns it as
-        `past_key_values`; a filled one with `cache_position` (the window's consecutive
+        tokens and 0 at (left) padding. Returns an LLaDAOutput with logits [b, s, rows] in the model's dtype
+        (at logits_positions only, when given: module docstring) and, when asked,
+        hidden_states: the embeddings and each block's output (before the final norm). KV
+        cache (module docstring): `use_cache=True` or an empty `past_key_values` (an
+        LLaDAKVCache) fills one over the whole sequence and returns it as `cache`
+        (`past_key_values`); a filled one with `cache_position` (the window's consecutive
         positions) computes that window of the sequence against it."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -297,10 +331,27 @@ class LLaDAModelLM(PreTrainedModel):
 
         t = self.model.transformer
         x = t.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        x, hidden = self.model(x, attention_mask, output_hidden_states, past_key_values, start)
-        logits = (F.linear(x, t.wte.weight) if self.config.weight_tying else t.ff_out(x)).float()
-        output = CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values, hidden_states=hidden)
+        x, hidden = self.model(x, attention_mask, output_hidden_states, past_key_values, start,
+                               logits_positions)
+        logits = F.linear(x, t.wte.weight) if self.config.weight_tying else t.ff_out(x)
+        output = LLaDAOutput(logits=logits, cache=past_key_values, hidden_states=hidden)
         return output if return_dict else output.to_tuple()
+
+
+def _at_positions(x, logits_positions):
+    """x [b, s, ...] at logits_positions along the sequence: None (all of it), a slice or a 1-D
+    LongTensor of indices."""
+    if logits_positions is None:
+        return x
+    if isinstance(logits_positions, slice):
+        return x[:, logits_positions]
+    if (not isinstance(logits_positions, torch.Tensor) or logits_positions.dim() != 1
+            or logits_positions.dtype != torch.long):
+        got = (f"a {logits_positions.dim()}-D {logits_positions.dtype} tensor"
+               if isinstance(logits_positions, torch.Tensor) else type(logits_positions).__name__)
+        raise ValueError(f"logits_positions must be None, a slice or a 1-D LongTensor of sequence "
+                         f"indices, got {got}")
+    return x[:, logits_positions.to(x.device)]
 
 
 def _window_start(cache, cache_position, width):
