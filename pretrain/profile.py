@@ -18,14 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-from data_pipeline.shards import ShardError
 from parallel import engine as ds
-from parallel.rendezvous import RendezvousError
-from pretrain.checkpoint.store import CheckpointError
-from pretrain.runtime.exit_codes import DATA, HALTED, LAUNCH, USAGE, command_failures, run_command
+from pretrain.runtime.exit_codes import HALTED, command_failures, run_command
 from pretrain.runtime.flops import model_flops_per_token
 from pretrain.runtime.throughput import PHASES, peak_memory_gib
-from pretrain.training.config import ConfigError, RunConfig, load_config
+from pretrain.training.config import RunConfig, load_config
+from pretrain.training.entry import TRAINING_FAILURES
 from pretrain.training.loop import TrainingHalted, run
 
 
@@ -121,8 +119,7 @@ def profile(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    failures = command_failures("profile", {ConfigError: USAGE, CheckpointError: USAGE, RendezvousError: LAUNCH,
-                                            ShardError: DATA})
+    failures = command_failures("profile", TRAINING_FAILURES)
     return run_command(lambda: profile(args), {**failures, TrainingHalted: (HALTED, None)})  # it reports itself
 
 

@@ -252,7 +252,7 @@ def test_stops_extraction_the_continuation_split_chat_and_limit(trained, tmp_pat
     assert generation_record("She has 72 left.\n\nQuestion: 5", "#### 72", settings) == \
         {"output": "She has 72 left.", "prediction": "72", "target": "72", "correct": True}
     tok = trained["tok"]
-    context_ids, continuation = encode_pair(tok, "key = ", "int;")  # the space moves to the continuation
+    context_ids, continuation = encode_pair(tok.encode, "key = ", "int;")  # the space moves to the continuation
     assert context_ids == tok.encode("key =")
     assert continuation == tok.encode("key = int;")[len(context_ids):]
     assert tok.decode(continuation) == " int;"

@@ -72,7 +72,7 @@ def request(kind: str, args: tuple, doc_id: int, idx: int = 0) -> Instance:
 def test_loglikelihood_is_algorithm_3_on_the_official_split(checkpoint):
     lm = LLaDAStackLM(model=str(checkpoint), seed=3, **LIKELIHOOD)
     tok = lm.tok
-    context, answer = encode_pair(tok, "def load(s): ", "return s")
+    context, answer = encode_pair(tok.encode, "def load(s): ", "return s")
     assert context == tok.encode("def load(s):")  # the trailing space moved to the continuation
     assert answer == tok.encode("def load(s): return s")[len(context):]
     scores = lm.loglikelihood([request("loglikelihood", ("def load(s): ", "return s"), 7, 1),
@@ -89,7 +89,7 @@ def test_loglikelihood_is_algorithm_3_on_the_official_split(checkpoint):
                       config=SamplerConfig(steps=3, gen_length=3, block_length=3, stop_at_eos=False))
     greedy_ids = greedy.ids[0, len(prompt):].tolist()
     text = tok.decode(greedy_ids)
-    assert encode_pair(tok, "import json", text)[1] == greedy_ids  # premise: the text round-trips
+    assert encode_pair(tok.encode, "import json", text)[1] == greedy_ids  # premise: the text round-trips
     other = tok.decode(greedy_ids[:2] + [tok.encode(" x")[0]])
     flags = [g for _, g in lm.loglikelihood([request("loglikelihood", ("import json", t), 0) for t in (text, other)])]
     assert flags == [True, False]

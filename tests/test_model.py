@@ -10,21 +10,15 @@ apart, checks the 8B/1B presets against the released tensor list and the paper's
 totals, bidirectionality versus the causal AR baseline, the `mitchell` init, which parameters
 skip weight decay, and that the model plus the Algorithm 1 loss can overfit a tiny batch.
 Logits at selected positions (`logits_positions`, the sampler's current block) equal the whole
-logits there: dense with and without a padding mask and a KV cache, and with real ranks under
-TP=2 (vocabulary-parallel head, gathered) and PP=2 (`PipelineForward`); control: other
-positions' logits differ.
+logits there, with and without a padding mask and a KV cache (TP=2 and PP=2: test_parallel.py and
+test_pipeline.py); control: other positions' logits differ.
 """
 
 import dataclasses
-import json
 import math
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from support.ports import free_port
 
 from parallel.attention import KVCache
 from parallel.model import LLaDAModel, RMSNorm, RotaryEmbedding, no_weight_decay
@@ -507,61 +501,3 @@ def test_logits_positions_refuses_targets_and_bad_indices():
     for bad in (torch.tensor([[1]]), torch.tensor([1.0]), [1, 2]):
         with pytest.raises(ValueError, match="logits_positions must be None, a slice or a 1-D LongTensor"):
             model(ids, logits_positions=bad)
-
-
-MULTIRANK_POSITIONS = textwrap.dedent('''
-    """argv: tp|pp OUT_JSON. The largest difference between the selected logits of a TP=2 model
-    (or a PP=2 pipeline's PipelineForward) and its whole logits at those positions, and
-    (control) at other positions; maximised over the ranks (the control: minimised)."""
-    import json, os, sys
-    import torch
-    import torch.distributed as dist
-    from parallel import engine as ds
-    from parallel.model import LLaDAModel
-    from parallel.model_config import ModelConfig
-    from parallel.tensor_parallel import TensorParallelLayers, initialize_groups
-
-    CFG = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
-                      vocab_size=128, max_sequence_length=32)
-    mode, out_path = sys.argv[1], sys.argv[2]
-    ds.init_distributed()
-    if mode == "tp":
-        initialize_groups(2)
-        forward = LLaDAModel(CFG, TensorParallelLayers(2), init_seed=7).eval()
-    else:
-        from parallel.pipeline import LLaDAPipeline, PipelineForward
-        initialize_groups(1, 2)
-        forward = PipelineForward(LLaDAPipeline(CFG, pipeline_parallel=2, loss_from_ce=None,
-                                                init_seed=7)).eval()
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    picked = torch.tensor([11, 2, 5])
-    with torch.no_grad():
-        whole = forward(ids)
-        at = forward(ids, logits_positions=picked)
-        block = forward(ids, logits_positions=slice(4, 8))
-    assert at.shape == (2, 3, 128) and block.shape == (2, 4, 128), (at.shape, block.shape)
-    out = torch.tensor([(at - whole[:, picked]).abs().max().item(),
-                        (block - whole[:, 4:8]).abs().max().item(),
-                        -(block - whole[:, 5:9]).abs().max().item()], dtype=torch.float64)
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    if dist.get_rank() == 0:
-        json.dump({"picked": out[0].item(), "block": out[1].item(), "control": -out[2].item()},
-                  open(out_path, "w"))
-    dist.barrier()
-''')
-
-
-@pytest.mark.parametrize("mode", ["tp", "pp"])
-def test_logits_at_positions_with_real_ranks(mode, tmp_path, subprocess_env):
-    """TP=2: the vocabulary-parallel head at the selected positions, gathered; PP=2: the last
-    stage's head at the selected positions, broadcast to the other stage (2 gloo ranks)."""
-    script, out = tmp_path / "positions_worker.py", tmp_path / "out.json"
-    script.write_text(MULTIRANK_POSITIONS)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-         "127.0.0.1", "--master_port", str(free_port()), str(script), mode, str(out)],
-        capture_output=True, text=True, timeout=300, env=subprocess_env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    r = json.loads(out.read_text())
-    assert r["picked"] <= 1e-6 and r["block"] <= 1e-6, r
-    assert r["control"] > 1e-2, r

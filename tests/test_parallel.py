@@ -45,6 +45,7 @@ def test_tensor_parallel_matches_the_dense_model(tmp_path, subprocess_env):
     assert r["shape_errors"] == 0
     assert r["weights"] == 0.0  # the same seed draws the same full weights
     assert r["logits"] < 1e-5 and r["loss"] < 1e-6 and r["grads"] < 1e-6, r
+    assert r["positions_picked"] <= 1e-6 and r["positions_block"] <= 1e-6 and r["control_positions"] > 1e-2, r
     for mode in ("full", "selective"):
         assert r[f"{mode}_chunked_loss"] < 1e-6 and r[f"{mode}_chunked_grads"] < 1e-6, r
     assert r["control_grads"] > 1e-2, r

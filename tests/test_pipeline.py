@@ -55,6 +55,8 @@ def test_pp2_follows_pp1_with_short_micro_batches_resumes_and_exports(tmp_path, 
     for r in ranks:
         assert r["pp2_loss"] < 1e-5 and r["pp2_grad_norm"] < 1e-5, r
         assert r["compiled_pointwise_names"] == ["compiled"], r
+        assert r["positions_picked"] <= 1e-6 and r["positions_block"] <= 1e-6, r  # broadcast to every stage
+        assert r["control_positions"] > 1e-2, r
     assert first["pp2_weights"] < 1e-5, first
     # the boundary: full hidden states, at 16 positions or at a short micro-batch's own length
     assert first["boundary_shapes"] == []

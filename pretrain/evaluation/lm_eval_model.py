@@ -75,6 +75,7 @@ agreed by `all_ranks_agree`. A task needs at least as many documents as data-par
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -105,16 +106,6 @@ def harness_encode(tok: TokenizerInfo, text: str) -> list[int]:
     strings in `text` become their ids and the tokenizer.json's post-processor (a BOS template,
     if it has one) applies."""
     return tok.tokenizer.encode(text, add_special_tokens=True).ids
-
-
-class _HarnessTokenizer:
-    """`tok` with `encode` as the official harness encodes, for `encode_pair`."""
-
-    def __init__(self, tok: TokenizerInfo):
-        self.tok = tok
-
-    def encode(self, text: str) -> list[int]:
-        return harness_encode(self.tok, text)
 
 
 def answer_text(tok: TokenizerInfo, answer_ids: list[int], gen_kwargs: dict, *, cut_at_eos_eot: bool = False,
@@ -202,8 +193,8 @@ class LLaDAStackLM(LM):
     # -- lm-eval's request types --------------------------------------------------------------
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        encoder = _HarnessTokenizer(self.tok)
-        results = [self._score(request, *encode_pair(encoder, *request.args))
+        encode = functools.partial(harness_encode, self.tok)
+        results = [self._score(request, *encode_pair(encode, *request.args))
                    for request in tqdm(requests, desc="llada_stack loglikelihood", disable=self.rank != 0)]
         self._even_out_forwards()
         return results

@@ -48,7 +48,7 @@ class CountingModel:
 def _encoded_choices(tok, task: Task, examples: list[ChoiceExample]) -> list[list[tuple[list[int], list[int]]]]:
     encoded = []
     for example in examples:
-        pairs = [encode_pair(tok, example.context, choice) for choice in example.choices]
+        pairs = [encode_pair(tok.encode, example.context, choice) for choice in example.choices]
         for number, (_, answer) in enumerate(pairs):
             if not answer:
                 raise TaskFileError(f"{task.path}:{example.line}: choice {number} encodes to no tokens after "

@@ -33,7 +33,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -90,8 +90,7 @@ def _sampler_fields() -> dict[str, tuple[Any, Any]]:
     kinds = {"steps": "posint", "gen_length": "posint", "block_length": "posint", "temperature": "nonneg",
              "cfg_scale": "nonneg", "remasking": REMASKING, "logits_eos_inf": "bool",
              "confidence_eos_eot": CONFIDENCE_EOS_EOT, "confidence_dtype": CONFIDENCE_DTYPES,
-             "logits_at": LOGITS_AT,
-             "stop_at_eos": "bool", "threshold": "nonneg",
+             "logits_at": LOGITS_AT, "stop_at_eos": "bool", "threshold": "nonneg",
              "cache": CACHE_MODES, "cache_refresh_every": "posint"}
     return {f.name: (kinds[f.name], f.default) for f in dataclasses.fields(SamplerConfig)}
 
@@ -252,14 +251,14 @@ def read_examples(task: Task, limit: int | None = None) -> list:
 
 # ---- encoding and answers ------------------------------------------------------------------------
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's `_encode_pair`: (context ids, continuation ids), trailing whitespace of the
     context moved to the continuation, the continuation being what encoding the whole adds."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    context_ids = tokenizer.encode(context)
-    whole = tokenizer.encode(context + continuation)
+    context_ids = encode(context)
+    whole = encode(context + continuation)
     return context_ids, whole[len(context_ids):]
 
 

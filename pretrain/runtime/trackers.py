@@ -114,7 +114,7 @@ class MlflowSink:
             # asked for by the config: MLflow 3 refuses a file store unless this opts in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow = import_tracker("mlflow")
-        self._entities = mlflow.entities
+        self._entities, self._errors = mlflow.entities, mlflow.exceptions.MlflowException
         self._client = mlflow.MlflowClient(uri)
         self.resumed = kept_id is not None and self._has_run(kept_id)
         if self.resumed:
@@ -129,7 +129,7 @@ class MlflowSink:
     def _has_run(self, run_id: str) -> bool:
         try:
             self._client.get_run(run_id)
-        except Exception:  # MLflow raises its own exception for an unknown id
+        except self._errors:  # an unknown id (e.g. a tracking store replaced since the checkpoint)
             return False
         return True
 

@@ -56,9 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     return with_exit_codes(action)
 
 
+# The training loop's predictable failures and their exit codes (train, the recipes, profile);
+# a halt prints and logs its own message.
+TRAINING_FAILURES = {ConfigError: USAGE, CheckpointError: USAGE, RendezvousError: LAUNCH, ShardError: DATA}
+KIND_OF_CODE = {USAGE: "config error", LAUNCH: "launch error", DATA: "data error"}
+
+
 def with_exit_codes(action: Callable[[], int]) -> int:
     """`action()`'s exit code, or the code of the predictable failure it raised (its message
-    printed as one line; `pretrain.runtime.exit_codes`)."""
-    return run_command(action, {ConfigError: (USAGE, "config error"), CheckpointError: (USAGE, "config error"),
-                                RendezvousError: (LAUNCH, "launch error"), ShardError: (DATA, "data error"),
-                                TrainingHalted: (HALTED, None)})  # the halt's message is printed and logged
+    printed as one line after its kind; `pretrain.runtime.exit_codes`)."""
+    failures = {kind: (code, KIND_OF_CODE[code]) for kind, code in TRAINING_FAILURES.items()}
+    return run_command(action, {**failures, TrainingHalted: (HALTED, None)})

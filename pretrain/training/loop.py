@@ -68,11 +68,10 @@ class TrainingHalted(RuntimeError):
 
 def check_run_directory(cfg: RunConfig, resume: str | None, overwrite: bool) -> None:
     """The run directory's verdict, computed by every rank alike from the (shared) file system
-    before any process group, data or engine: a bad `--resume`, or a fresh start without
-    `--overwrite` over published checkpoints or an earlier run's metrics, raises `CheckpointError`
-    (exit 2); a resume of a checkpoint
-    already past `train.steps` too. (The trainer resolves `--resume` again after the process
-    group exists, as rank 0 sees it.)"""
+    before any process group, data or engine: a bad `--resume`, a resume of a checkpoint already
+    past `train.steps`, or a fresh start without `--overwrite` over published checkpoints or an
+    earlier run's metrics raises `CheckpointError` (exit 2). (The trainer resolves `--resume`
+    again after the process group exists, as rank 0 sees it.)"""
     out_dir = Path(cfg.train.out_dir)
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
     if resume:

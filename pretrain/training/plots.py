@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pretrain.checkpoint.atomic import atomic_file
 from pretrain.runtime.exit_codes import UsageError
+from pretrain.runtime.metrics import scalars_of
 
 RUN_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
                (23, 190, 207), (140, 86, 75), (227, 119, 194))
@@ -113,17 +114,12 @@ def read_run(path: str | os.PathLike) -> Run:
             continue
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             continue
-        for key, value in record.items():
-            if key not in ("step", "time") and _is_number(value):
-                series.setdefault(key, {})[record["step"]] = float(value)
+        for key, value in scalars_of(record).items():
+            series.setdefault(key, {})[record["step"]] = float(value)
     run = Run(file.parent.name, series)
     if not run.curve("loss"):
         raise UsageError(f"{file} has no training loss records (with a token count); {EXPECTED}")
     return run
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def panels(runs: list[Run]) -> list[Panel]:

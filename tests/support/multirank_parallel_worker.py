@@ -4,7 +4,8 @@ argv: SCENARIO OUT_JSON. Every rank computes its measurements, the maxima are al
 rank 0 writes them.
 
 - "tp" (2 ranks, TP=2): the megatron-core model against the dense model with the same seed:
-  local weight shapes, weights, logits, loss and every gradient; with full and selective
+  local weight shapes, weights, logits (whole, and at selected positions: the
+  vocabulary-parallel head there only, gathered), loss and every gradient; with full and selective
   activation checkpointing and a chunked head; negative control: column-parallel layers that
   skip the all-reduce of their input gradient (the replicated norm and embedding weights then
   get wrong gradients). Fused projections (qkv_proj, gate_up_proj) under TP: the released
@@ -27,6 +28,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+from logits_positions import positions_diffs  # tests/support, the script's directory
 
 from parallel import engine as ds
 from parallel import fused_projections
@@ -101,8 +103,12 @@ def scenario_tp(rank: int) -> dict:
 
     ids = torch.randint(0, MASK_ID, (2, 16), generator=torch.Generator().manual_seed(0))
     nb = draw_noise(ids, MASK_ID, SEED, step=0, first_row=0)
+    picked = torch.tensor([11, 2, 5])
     with torch.no_grad():
-        out["logits"] = (tp(nb.noisy) - dense(nb.noisy)).abs().max().item()
+        whole = tp(nb.noisy)
+        out["logits"] = (whole - dense(nb.noisy)).abs().max().item()
+        out.update(positions_diffs(tp(nb.noisy, logits_positions=picked), tp(nb.noisy, logits_positions=slice(4, 8)),
+                                   whole, picked))
     dense_loss, dense_grads = loss_and_grads(dense, ids, nb)
     tp_loss, tp_grads = loss_and_grads(tp, ids, nb)
     out["loss"] = abs(tp_loss - dense_loss)

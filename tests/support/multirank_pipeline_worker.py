@@ -11,7 +11,8 @@ model over the same micro-batches with the same noise (the PP=1 computation).
   shapes the second stage's first layer receives; `fast.compile_pointwise` reaching every stage's
   norms, RoPE and SwiGLU (the stages are built, not run); a checkpoint at step 3 (its whole weights
   against the reference's step-3 weights, its export to the released format loaded by
-  `AutoModel(trust_remote_code=True)` against the pipeline's own logits), then a fresh engine
+  `AutoModel(trust_remote_code=True)` against the pipeline's own logits; `logits_positions`, the
+  last stage's head at selected positions only, against those logits), then a fresh engine
   resumed from it for steps 4-5 against the uninterrupted run. Controls: a restart from the
   checkpoint's weights only (optimizer state dropped); the shortened micro-batches padded back
   to full length.
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from logits_positions import positions_diffs  # tests/support, the script's directory
 
 from parallel import engine as ds
 from parallel.model import LLaDAModel
@@ -174,7 +176,11 @@ def scenario_pp2(out_dir: Path, tokenizer: Path, mask_id: int) -> dict:
     checkpoint = save_checkpoint(engine, out_dir / "checkpoints", 3, config=cfg.to_dict(), tokenizer_path=tokenizer,
                                  trainer_state={"tokens_seen": 0, "guard": {}, "layout": layout.checkpoint_key()},
                                  rank_state={})
-    logits_3 = PipelineForward(engine.module).eval()(ids)
+    forward = PipelineForward(engine.module).eval()
+    logits_3 = forward(ids)
+    picked = torch.tensor([11, 2, 5])
+    out.update(positions_diffs(forward(ids, logits_positions=picked), forward(ids, logits_positions=slice(4, 8)),
+                               logits_3, picked))
     engine.module.train()
     more_losses, more_norms = train_steps(engine, cfg, data, range(3, STEPS), mask_id)
     losses, norms = losses + more_losses, norms + more_norms
