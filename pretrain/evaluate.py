@@ -18,6 +18,11 @@ the chat template), cuts at EOS (and EoT with chat) and at stop strings, extract
 reports `exact_match`; each batch has its own generator (keyed by its first example), so at
 temperature > 0 answers depend on the batching, at temperature 0 they do not.
 
+A causal checkpoint (the AR baseline, train.objective arm) is scored exactly on the same task files
+(`pretrain/evaluation/autoregressive.py`): a choice's score is its log-likelihood from one forward, and
+generation decodes greedily for gen_length forwards per prompt (a task asking for temperature > 0,
+random remasking, cfg_scale or a threshold is refused before any task runs).
+
 Under a launcher (`torchrun --nproc_per_node N -m pretrain.evaluate ...`, or `deepspeed`) the model
 is sharded (ZeRO-3 by default, `--tensor-parallel`) and every forward is a collective: the
 (example, choice) pairs and the prompts are split over data-parallel ranks with
@@ -37,6 +42,7 @@ import sys
 from pathlib import Path
 
 from parallel import engine as ds
+from pretrain.evaluation.autoregressive import check_greedy_settings
 from pretrain.evaluation.presets import get_preset, task_entry
 from pretrain.evaluation.scoring import format_table, run_task
 from pretrain.evaluation.tasks import TaskFileError, load_tasks, parse_tasks, read_examples
@@ -69,6 +75,9 @@ def evaluate(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.tasks) if args.tasks else preset_tasks(args)
     data = {task.name: read_examples(task, args.limit) for task in tasks}
     model = open_model(args)
+    if model.config.causal:
+        for task in tasks:
+            check_greedy_settings(task)
     rank0 = ds.rank() == 0
     results = {}
     for task in tasks:

@@ -56,6 +56,9 @@ def places(tmp_path_factory) -> Path:
     (root / "taken").mkdir()
     (root / "taken" / "keep.txt").write_text("mine")
     (root / "a_file").write_text("mine")
+    (root / "corpus").mkdir()
+    (root / "corpus" / "notes.txt").write_text("text")
+    (root / "corpus" / "a_weights.bin").write_bytes(b"\xff\xfe\x00binary")
     return root
 
 
@@ -105,6 +108,10 @@ def cases(r: Path) -> dict[str, Case]:
                                                f"{r / 'empty'} holds no metrics.jsonl"),
         "train-missing-config": Case("train", ["--config", str(r / "run.yaml")], 2, str(r / "run.yaml"),
                                      prefix="config error: "),
+        "train-binary-file-in-data-paths": Case("train", [
+            "data.source=files", f"data.paths=[{r / 'corpus'}]", "data.heldout_fraction=0.5", "train.steps=1",
+            f"train.out_dir={r / 'binary_run'}", "logging.progress_bar=false"], 2,
+            f"{r / 'corpus' / 'a_weights.bin'}: not valid UTF-8", prefix="config error: data.paths (files): "),
     }
 
 

@@ -6,6 +6,10 @@ data-parallel ranks (each pair costs the same forwards, so uneven choice counts 
 desynchronise them), `acc` and `acc_norm` from the gathered scores. Generation: the prompts
 through `pretrain.inference.batched.sample_prompts`, answers cut at stop strings and extracted,
 `exact_match`. `run_task` also counts each rank's forwards (they must be equal).
+
+A causal checkpoint (the AR baseline, train.objective arm) is scored exactly
+(`pretrain.evaluation.autoregressive`): each choice by its log-likelihood from one forward, each
+prompt decoded greedily for gen_length forwards; the records and metrics are the same.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from data_pipeline.eval_sampler import gather_in_order, shard_examples
 from data_pipeline.seeding import keyed_generator
 from data_pipeline.sft import ChatTemplate
 from pretrain.diffusion.likelihood import conditional_log_likelihood
+from pretrain.evaluation.autoregressive import causal_log_likelihood, check_greedy_settings, greedy_answers
 from pretrain.evaluation.tasks import (
     ChoiceExample,
     GenerationExample,
@@ -45,11 +50,16 @@ class CountingModel:
         return getattr(self.model, name)
 
 
-def _encoded_choices(tok, task: Task, examples: list[ChoiceExample]) -> list[list[tuple[list[int], list[int]]]]:
+def _encoded_choices(tok, task: Task, examples: list[ChoiceExample],
+                     causal: bool) -> list[list[tuple[list[int], list[int]]]]:
     encoded = []
     for example in examples:
         pairs = [encode_pair(tok.encode, example.context, choice) for choice in example.choices]
-        for number, (_, answer) in enumerate(pairs):
+        for number, (context, answer) in enumerate(pairs):
+            if causal and not context:
+                raise TaskFileError(f"{task.path}:{example.line}: the context encodes to no tokens, and a causal "
+                                    f"model (the AR baseline) predicts a choice's first token from the context; "
+                                    f"give every example a context")
             if not answer:
                 raise TaskFileError(f"{task.path}:{example.line}: choice {number} encodes to no tokens after "
                                     f"the context; give every choice some text")
@@ -64,14 +74,18 @@ def score_multiple_choice(model, task: Task, examples: list[ChoiceExample],
     """(metrics, records): every choice scored once over all ranks, in lockstep.
 
     The (example, choice) pairs are what is split over ranks: each costs the same number of
-    forwards whatever its length, so uneven choice counts cannot desynchronise the ranks."""
-    tok, s = model.tokenizer, task.settings
-    encoded = _encoded_choices(tok, task, examples)
+    forwards whatever its length, so uneven choice counts cannot desynchronise the ranks. A causal
+    model scores each pair exactly, in one forward."""
+    tok, s, causal = model.tokenizer, task.settings, model.config.causal
+    encoded = _encoded_choices(tok, task, examples, causal)
     pairs = [(i, c) for i, example in enumerate(examples) for c in range(len(example.choices))]
     share = shard_examples(pairs, model.dp_rank, model.dp_size)
     scores = []
     for _, (i, c) in share:
         prompt, answer = (torch.tensor(ids, dtype=torch.long, device=model.device) for ids in encoded[i][c])
+        if causal:
+            scores.append(causal_log_likelihood(model, prompt, answer))
+            continue
         generator = keyed_generator(seed, "eval", task.name, i, c)
         scores.append(conditional_log_likelihood(model, prompt, answer, mask_id=tok.mask_id, mc_num=s["mc_num"],
                                                  batch_size=s["batch_size"], cfg_scale=s["cfg_scale"],
@@ -107,11 +121,15 @@ def prompt_ids(tok, task: Task, examples: list[GenerationExample]) -> list[list[
 def score_generation(model, task: Task, examples: list[GenerationExample],
                      seed: int) -> tuple[dict, list[dict]]:
     """(metrics, records): every prompt answered once over all ranks; equal shares, so every rank
-    runs the same number of batches, and each batch's early stop is agreed."""
+    runs the same number of batches, and each batch's early stop is agreed. A causal model decodes
+    each prompt greedily."""
     tok, s = model.tokenizer, task.settings
     prompts = prompt_ids(tok, task, examples)
-    answers = sample_prompts(model, prompts, task.sampler, s["batch_size"], key=(seed, "eval", task.name),
-                             cut_at_eot=s["chat"])
+    if model.config.causal:
+        answers = greedy_answers(model, prompts, gen_length=s["gen_length"], cut_at_eot=s["chat"])
+    else:
+        answers = sample_prompts(model, prompts, task.sampler, s["batch_size"], key=(seed, "eval", task.name),
+                                 cut_at_eot=s["chat"])
     records = []
     for i, (example, answer) in enumerate(zip(examples, answers)):
         text = tok.decode(answer["ids"], skip_special_tokens=True)
@@ -129,6 +147,8 @@ def _forwards_per_rank(count: int, distributed: bool) -> list[int]:
 
 
 def run_task(model, task: Task, examples: list, seed: int) -> dict:
+    if model.config.causal:
+        check_greedy_settings(task)
     counting = CountingModel(model)
     begin = time.perf_counter()
     score = score_multiple_choice if task.type == "multiple_choice" else score_generation

@@ -23,7 +23,7 @@ from data_pipeline.sft import SFTBatches, SFTStream, choose_pairs, fit_to_length
 from data_pipeline.shards import file_sha256
 from data_pipeline.streaming import SourceSpec, TokenBatchLoader
 from data_pipeline.tokenizer import TokenizerInfo, check_fits_model, load_tokenizer, padded_vocab_size, train_bpe
-from pretrain.training.config import RunConfig
+from pretrain.training.config import ConfigError, RunConfig
 
 # Small shards for a few-MB corpus, so shard shuffling and the worker split have units to work on.
 DEMO_TOKENS_PER_SHARD = 1 << 18
@@ -45,14 +45,17 @@ def _prepare_corpus(cfg: RunConfig, data_dir: Path, rank: int) -> tuple[Path, li
     d = cfg.data
     tokenizer_path = Path(d.tokenizer) if d.tokenizer else data_dir / "tokenizer.json"
     if rank == 0:
-        files = stdlib_corpus(data_dir, d.max_bytes) if d.source == "stdlib" else expand_inputs(d.paths)
-        train_files, heldout_files = split_heldout(files, d.heldout_fraction)
-        # Retrained every run (deterministic, seconds): a reused run directory keeps nothing stale.
-        if d.tokenizer is None:
-            train_bpe(train_files, cfg.model.vocab_size, tokenizer_path)
-        for part, part_files in (("train", train_files), ("heldout", heldout_files)):
-            prepare(part_files, tokenizer_path, data_dir / part, workers=1, overwrite=True,
-                    progress=False, tokens_per_shard=DEMO_TOKENS_PER_SHARD)
+        try:
+            files = stdlib_corpus(data_dir, d.max_bytes) if d.source == "stdlib" else expand_inputs(d.paths)
+            train_files, heldout_files = split_heldout(files, d.heldout_fraction)
+            # Retrained every run (deterministic, seconds): a reused run directory keeps nothing stale.
+            if d.tokenizer is None:
+                train_bpe(train_files, cfg.model.vocab_size, tokenizer_path)
+            for part, part_files in (("train", train_files), ("heldout", heldout_files)):
+                prepare(part_files, tokenizer_path, data_dir / part, workers=1, overwrite=True,
+                        progress=False, tokens_per_shard=DEMO_TOKENS_PER_SHARD)
+        except ValueError as err:  # a file that is not UTF-8 text, too few files to hold out, a bad document
+            raise ConfigError(f"data.{'paths' if d.source == 'files' else 'source'} ({d.source}): {err}") from None
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return tokenizer_path, [SourceSpec("train", str(data_dir / "train"), 1.0)], data_dir / "heldout"
