@@ -43,12 +43,12 @@ def run(out: Path, seeds: list[int], *, fast: bool = False, workers: int = 2) ->
         f"## Remasking (paper Table 9 and Appendix B.3)\n\nThe SFT repeat model, held-out prompts, temperature 0, "
         f"one token per step; mean ± sd over seeds {seeds}.\n\n{table}\nPaper: {PAPER}.\n")
     groups = ["canvas 16", "canvas 64"]
-    bars = {"random": ("random (canvas 16)", "random (canvas 64)"),
-            "low-confidence": ("low-confidence (canvas 16)", "low-confidence (canvas 64)"),
-            "low-confidence + blocks": ("low-confidence + blocks of 4 (canvas 16)",
-                                        "low-confidence + blocks of 8 (canvas 64)")}
+    rows_of = {"random": ("random (canvas 16)", "random (canvas 64)"),
+               "low-confidence": ("low-confidence (canvas 16)", "low-confidence (canvas 64)"),
+               "low-confidence + blocks": ("low-confidence + blocks of 4 (canvas 16)",
+                                           "low-confidence + blocks of 8 (canvas 64)")}
     charts.bars(out / "remasking.png", "Remasking after SFT: exact match (mean ± sd over seeds)", groups,
                 [charts.Series(name, {group: stack.mean_sd(results[row]["exact_match"])
-                                      for group, row in zip(groups, rows)}) for name, rows in bars.items()],
+                                      for group, row in zip(groups, rows)}) for name, rows in rows_of.items()],
                 "exact match")
     return results

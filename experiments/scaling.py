@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import yaml
+
 from data_pipeline.corpus import split_heldout, stdlib_corpus
 from data_pipeline.prepare import main as prepare_main
 from data_pipeline.tokenizer import train_bpe
@@ -25,7 +27,8 @@ from parallel.model_config import preset
 from pretrain.runtime.flops import model_flops_per_token
 
 CONFIG = Path(__file__).parent / "configs" / "scaling.yaml"
-SEQ_LEN, BATCH = 64, 32  # as configs/scaling.yaml
+RUN = yaml.safe_load(CONFIG.read_text())
+SEQ_LEN, BATCH = RUN["data"]["seq_len"], RUN["train"]["global_batch_size"]
 SIZES = {"d32": {"d_model": 32, "mlp_hidden_size": 86}, "d64": {"d_model": 64, "mlp_hidden_size": 172},
          "d128": {"d_model": 128, "mlp_hidden_size": 344}}
 KINDS = {"MDM": ["train.objective=mdm"], "ARM": ["train.objective=arm", "model.causal=true"]}
@@ -51,7 +54,7 @@ def prepare_corpus(work: Path, max_bytes: int) -> Path:
 
 
 def flops(size: str, steps: int) -> float:
-    config = dataclasses.replace(preset("tiny"), n_layers=2, **SIZES[size])
+    config = dataclasses.replace(preset(RUN["model"]["preset"]), n_layers=RUN["model"]["n_layers"], **SIZES[size])
     return model_flops_per_token(config, SEQ_LEN) * steps * BATCH * SEQ_LEN
 
 

@@ -22,6 +22,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from pretrain.training.plots import read_run
+
 DONE = "experiment.json"
 
 
@@ -83,12 +85,8 @@ def evaluate(model: Path, tasks: Path, out: Path, seed: int = 0) -> dict[str, An
 
 
 def last_metrics(run_dir: Path) -> dict[str, float]:
-    """The last logged value of every numeric metric of a run (`metrics.jsonl`)."""
-    last: dict[str, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        last.update({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    return last
+    """The last logged value of every numeric metric of a run, read as `pretrain.plot` reads it."""
+    return {metric: by_step[max(by_step)] for metric, by_step in read_run(run_dir).series.items()}
 
 
 def write_tasks(path: Path, tasks: list[dict]) -> Path:

@@ -7,10 +7,11 @@ Everything is a function of the seed given, so every model of a comparison sees 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from experiments.stack import write_jsonl
 
 SYLLABLES = ("ka", "lo", "mi", "ver", "ta", "su", "ron", "bel", "di", "fa", "gor", "hin", "jus", "ke",
              "ly", "mo", "nes", "pa", "qui", "rak", "sel", "tor", "um", "vy", "wen", "xa", "yor", "zu")
@@ -111,15 +112,11 @@ def write_repeat_task(out: Path, *, conversations: int, heldout: int, max_letter
     rng.shuffle(rows)
     test, train = rows[:heldout], rows[heldout:]
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "train.jsonl", [repeat_conversation(t) for t in train])
-    _write_jsonl(out / "heldout.jsonl", [repeat_conversation(t) for t in test])
+    write_jsonl(out / "train.jsonl", [repeat_conversation(t) for t in train])
+    write_jsonl(out / "heldout.jsonl", [repeat_conversation(t) for t in test])
     (out / "corpus.txt").write_text("\n".join(f"Repeat: {' '.join(t)}\n{' '.join(t)}" for t in train) + "\n")
-    _write_jsonl(out / "questions.jsonl", [{"prompt": f"Repeat: {' '.join(t)}", "answer": " ".join(t)} for t in test])
+    write_jsonl(out / "questions.jsonl", [{"prompt": f"Repeat: {' '.join(t)}", "answer": " ".join(t)} for t in test])
 
 
 def _write_texts(path: Path, texts: list[str]) -> None:
-    _write_jsonl(path, [{"text": text} for text in texts])
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(path, [{"text": text} for text in texts])

@@ -22,7 +22,7 @@ from data_pipeline.eval_sampler import gather_in_order, shard_examples
 from data_pipeline.seeding import keyed_generator
 from data_pipeline.sft import ChatTemplate
 from pretrain.diffusion.likelihood import conditional_log_likelihood
-from pretrain.evaluation.autoregressive import causal_log_likelihood, check_greedy_settings, greedy_answers
+from pretrain.evaluation.autoregressive import causal_log_likelihood, greedy_answers
 from pretrain.evaluation.tasks import (
     ChoiceExample,
     GenerationExample,
@@ -147,8 +147,6 @@ def _forwards_per_rank(count: int, distributed: bool) -> list[int]:
 
 
 def run_task(model, task: Task, examples: list, seed: int) -> dict:
-    if model.config.causal:
-        check_greedy_settings(task)
     counting = CountingModel(model)
     begin = time.perf_counter()
     score = score_multiple_choice if task.type == "multiple_choice" else score_generation
