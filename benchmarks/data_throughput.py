@@ -51,7 +51,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def timed_stream(data_dir: Path, tokenizer, num_workers: int) -> dict:
     loader = TokenBatchLoader([SourceSpec("stdlib", str(data_dir), 1.0)], seq_len=4096, batch_size=4,
-                              seed=0, dp_rank=0, dp_size=1, num_workers=num_workers,
+                              grad_accum=1, seed=0, dp_rank=0, dp_size=1, num_workers=num_workers,
                               vocab_size=tokenizer.vocab_size, tokenizer_sha256=tokenizer.sha256)
     next(loader)  # start-up: worker processes, first shard decoded
     start = time.perf_counter()

@@ -15,8 +15,11 @@ differently there than as a response: both are exactly what inference sees.
 A dialogue with n assistant messages gives n pairs; by default one is drawn per dialogue and
 epoch (paper B.1) from `keyed_generator(seed, "sft_pair", dialogue_index, epoch)`, the example
 order from `keyed_generator(seed, "sft_order", epoch)`. Rows are prompt + response, right-padded
-with EOS; the padding belongs to the response (`sft_loss` masks and trains it). `SFTStream`
-runs the epochs back to back for the training loop and checkpoints its position.
+with EOS; the padding belongs to the response (`sft_loss` masks and trains it). Each epoch is cut
+into optimizer-step batches whose pairs, row by row, do not depend on how the global batch is
+split over data-parallel ranks, micro-batches and accumulation; `SFTStream` runs the epochs back
+to back for the training loop and checkpoints its position so that a run resumes under another
+split of the same global batch without reading a pair twice or skipping one.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class SFTBatch(NamedTuple):
 class SFTCounts:
     truncated: int = 0  # pairs whose response was cut to fit seq_len
     dropped: int = 0    # pairs left out: overlong under "drop", or a prompt alone >= seq_len
-    left_over: int = 0  # pairs of an epoch's last, incomplete global batch (not trained that epoch)
+    left_over: int = 0  # pairs of an epoch's last, incomplete optimizer-step batch (not trained that epoch)
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -217,46 +220,78 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 # ---- the epoch iterator ----------------------------------------------------------------------
 
 class SFTBatches:
-    """Micro-batches of one data-parallel rank, epoch by epoch, resumable at any batch.
+    """Micro-batches of one data-parallel rank, epoch by epoch, resumable at any micro-batch.
 
     An epoch is planned from (seed, epoch) alone: the dialogue order, the pairs chosen, the
-    overlong policy, then global batches of batch_size x dp_size pairs of which this rank takes
-    its slice, so every rank runs the same number of batches (lockstep) on disjoint pairs. The
-    last incomplete global batch is left out (`counts.left_over`). Iterating runs the rest of
-    the current epoch from `position`, then moves to the next epoch; `counts` are those of the
-    epoch being iterated.
+    overlong policy, then optimizer-step batches of G = batch_size x dp_size x grad_accum pairs
+    (the last incomplete one is left out, `counts.left_over`). Within a step, global row
+    g = (m x dp_size + dp_rank) x batch_size + i is row i of this rank's micro-step m, the row
+    numbering of `pretrain.training.step_loss.first_global_row` that keys each row's noise. So the
+    pairs of every step and the global row each lands on depend on (seed, data, G) only, not on
+    the split into ranks, micro-batches and accumulation; every rank runs the same number of
+    micro-batches (lockstep), full steps x grad_accum per epoch, on disjoint pairs.
+
+    Padding stays per micro-batch and does depend on the split: under pad_to="longest" a row is
+    padded with EOS to the longest row of its micro-batch, and which rows share a micro-batch
+    changes with the split. A row's t and noise key do not change; its width does, and in
+    Algorithm 2 the padding EOS are answer positions: masked, trained, and counted in the row's
+    answer length, the divisor of `sft_loss_from_ce`. A row padded by k more EOS thus has k more
+    EOS targets and its sum divided by (answer + k), so the row's expected loss, the mean CE over
+    the answer and its padding, weights the learned stop differently: loss, gradient and
+    `SFTStream.answer_tokens` differ between splits, the pairs trained do not. (On CPU the mask of
+    a row's first positions is the prefix of the same draw whatever the width; on CUDA that is not
+    promised.) With pad_to=seq_len every row has width seq_len and a step's rows are the same
+    tensors in every split.
+
+    Iterating runs the rest of the current epoch from `position`, then moves to the next epoch;
+    `counts` are those of the epoch being iterated.
     """
 
     def __init__(self, dialogue_pairs: Sequence[Sequence[SFTPair]], *, batch_size: int, seq_len: int, seed: int,
                  eos_id: int, overlong: str, pairs: str = "one", pad_to: str | int = "longest",
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, grad_accum: int = 1):
         _check_choice("overlong", overlong, OVERLONG_MODES)
         _check_choice("pairs", pairs, PAIR_MODES)
         if pad_to != "longest" and not (isinstance(pad_to, int) and pad_to >= seq_len):
             raise ValueError(f'pad_to must be "longest" or a length >= seq_len={seq_len}, got {pad_to!r}')
-        if batch_size < 1 or seq_len < 1 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"need batch_size >= 1, seq_len >= 1 and 0 <= dp_rank < dp_size, got "
-                             f"batch_size={batch_size}, seq_len={seq_len}, dp_rank={dp_rank}, dp_size={dp_size}")
+        if batch_size < 1 or seq_len < 1 or grad_accum < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"need batch_size >= 1, seq_len >= 1, grad_accum >= 1 and 0 <= dp_rank < dp_size, got "
+                             f"batch_size={batch_size}, seq_len={seq_len}, grad_accum={grad_accum}, "
+                             f"dp_rank={dp_rank}, dp_size={dp_size}")
         self.dialogue_pairs = dialogue_pairs
         self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
         self.overlong, self.pairs, self.pad_to = overlong, pairs, pad_to
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.dp_rank, self.dp_size, self.grad_accum = dp_rank, dp_size, grad_accum
         self.epoch, self.position = 0, 0
         self.counts = SFTCounts()
 
-    def epoch_plan(self, epoch: int) -> tuple[list[list[SFTPair]], SFTCounts]:
-        """This rank's batches of pairs for `epoch`, and the epoch's counts (all ranks')."""
+    @property
+    def global_batch_size(self) -> int:
+        """G: the pairs of one optimizer step over all data-parallel ranks and micro-steps."""
+        return self.batch_size * self.dp_size * self.grad_accum
+
+    def first_row(self, micro_step: int) -> int:
+        """The global row, within its step, of the first pair of this rank's `micro_step`-th
+        micro-batch (`pretrain.training.step_loss.first_global_row`)."""
+        return (micro_step * self.dp_size + self.dp_rank) * self.batch_size
+
+    def epoch_steps(self, epoch: int) -> tuple[list[list[SFTPair]], SFTCounts]:
+        """The optimizer steps of `epoch`, each its G pairs by global row, and the epoch's counts:
+        the same for every split of G."""
         order = torch.randperm(len(self.dialogue_pairs), generator=keyed_generator(self.seed, "sft_order", epoch))
         chosen = [pair for index in order.tolist()
                   for pair in choose_pairs(self.dialogue_pairs[index], self.pairs, self.seed, index, epoch)]
         fitted, counts = fit_to_length(chosen, self.seq_len, self.overlong)
-        global_batch = self.batch_size * self.dp_size
-        full_batches = len(fitted) // global_batch
-        counts.left_over = len(fitted) - full_batches * global_batch
-        start = self.dp_rank * self.batch_size
-        batches = [fitted[b * global_batch + start : b * global_batch + start + self.batch_size]
-                   for b in range(full_batches)]
-        return batches, counts
+        size = self.global_batch_size
+        full_steps = len(fitted) // size
+        counts.left_over = len(fitted) - full_steps * size
+        return [fitted[s * size : (s + 1) * size] for s in range(full_steps)], counts
+
+    def epoch_plan(self, epoch: int) -> tuple[list[list[SFTPair]], SFTCounts]:
+        """This rank's micro-batches of pairs for `epoch`, step by step, and the epoch's counts (all ranks')."""
+        steps, counts = self.epoch_steps(epoch)
+        rows = [self.first_row(micro_step) for micro_step in range(self.grad_accum)]
+        return [step[row : row + self.batch_size] for step in steps for row in rows], counts
 
     def __iter__(self) -> Iterator[SFTBatch]:
         batches, self.counts = self.epoch_plan(self.epoch)
@@ -278,10 +313,17 @@ class SFTStream:
     interface the training loop uses for pretraining data (`next`, `counters`, `state_dict`,
     `load_state_dict`, `close`).
 
-    `identity` (the files' and tokenizer's hashes, for one) is saved with the position and must
-    match on resume, like the settings that decide the epoch plans."""
+    `state_dict()` is this rank's: its epoch, position in micro-batches, answer tokens, its
+    layout and the run's settings. `merge` turns the states of all ranks, saved at an optimizer
+    step boundary, into the run's layout-free state (epoch, steps done in it, total answer tokens),
+    which `load_state_dict` resumes under any data-parallel size, micro-batch size and
+    accumulation with the same global batch: no pair is read twice or skipped. `identity` (the
+    files' and tokenizer's hashes, for one) and the settings that decide the epoch plans must
+    match on resume.
+    """
 
-    RESUME_FIELDS = ("seed", "dp_rank", "dp_size", "batch_size", "seq_len", "pairs", "overlong", "pad_to")
+    RUN_FIELDS = ("global_batch_size", "seq_len", "seed", "pairs", "overlong", "pad_to")
+    LAYOUT_FIELDS = ("dp_size", "batch_size", "grad_accum")
 
     def __init__(self, batches: SFTBatches, identity: dict[str, str]):
         self.batches, self.identity = batches, dict(identity)
@@ -290,8 +332,9 @@ class SFTStream:
 
     @functools.cached_property
     def first_epoch(self) -> tuple[int, SFTCounts]:
-        """(micro-batches each rank runs in epoch 0, that epoch's counts), planned once: "drop"
-        and "one" pair per dialogue can change the count by a batch or two in later epochs."""
+        """(micro-batches each rank runs in epoch 0: full steps x grad_accum, that epoch's counts),
+        planned once: "drop" and "one" pair per dialogue can change the count by a step or two in
+        later epochs."""
         plan, counts = self.batches.epoch_plan(0)
         return len(plan), counts
 
@@ -307,29 +350,96 @@ class SFTStream:
                 self.answer_tokens += int((batch.input_ids.shape[1] - batch.prompt_lengths).sum())
                 return batch
             self._iterator = None
-        raise ValueError(f"SFT data: epoch {self.batches.epoch - 1} has no full global batch of "
-                         f"{self.batches.batch_size} x {self.batches.dp_size} pairs; give more "
-                         f"dialogues or a smaller train.micro_batch_size")
+        b = self.batches
+        raise ValueError(f"SFT data: epoch {b.epoch - 1} has no full optimizer step of {b.global_batch_size} pairs "
+                         f"({b.batch_size} x DP {b.dp_size} x accumulation {b.grad_accum}); give more dialogues "
+                         f"or a smaller train.global_batch_size")
 
     def counters(self) -> dict[str, dict[str, int]]:
         return {"sft": {"tokens": self.answer_tokens, "epoch": self.batches.epoch}}
 
+    def layout(self) -> dict[str, int]:
+        return {name: getattr(self.batches, name) for name in self.LAYOUT_FIELDS}
+
+    def settings(self) -> dict:
+        return {name: getattr(self.batches, name) for name in self.RUN_FIELDS}
+
     def state_dict(self) -> dict:
-        settings = {name: getattr(self.batches, name) for name in self.RESUME_FIELDS}
+        """This rank's state; `merge` the states of all ranks for one that resumes under any layout."""
+        settings = {**self.settings(), **self.layout(), "dp_rank": self.batches.dp_rank}
         return {**self.batches.state_dict(), "answer_tokens": self.answer_tokens,
                 "settings": settings, "identity": self.identity}
 
-    def load_state_dict(self, state: dict) -> None:
-        saved = {**state.get("settings", {}), **state.get("identity", {})}
-        now = {**self.state_dict()["settings"], **self.identity}
+    @staticmethod
+    def merge(states: list[dict]) -> dict:
+        """The run's layout-free state from every rank's `state_dict()` (tensor and pipeline peers
+        of a data-parallel rank may repeat it): {"epoch", "steps" done in that epoch, "answer_tokens"
+        summed over the data-parallel ranks, "settings", "saved_layout", "identity"}. Refuses states
+        that disagree, miss a data-parallel rank, or were saved in the middle of an optimizer step."""
+        if not states:
+            raise ValueError("SFT data state: no rank state to merge")
+        first = states[0]
+        shared = ("epoch", "position", "identity")
+        by_rank: dict[int, dict] = {}
+        for state in states:
+            settings = {**state["settings"], "dp_rank": first["settings"]["dp_rank"]}
+            differ = [name for name in shared if state[name] != first[name]]
+            differ += [f"settings.{name}" for name in settings if settings[name] != first["settings"].get(name)]
+            rank = state["settings"]["dp_rank"]
+            if rank in by_rank and state["answer_tokens"] != by_rank[rank]["answer_tokens"]:
+                differ.append("answer_tokens of one data-parallel rank")
+            if differ:
+                raise ValueError(f"SFT data state: the ranks disagree on {', '.join(differ)} (data-parallel rank "
+                                 f"{rank} vs {first['settings']['dp_rank']}); merge the states of one save")
+            by_rank.setdefault(rank, state)
+        layout = {name: first["settings"][name] for name in SFTStream.LAYOUT_FIELDS}
+        missing = sorted(set(range(layout["dp_size"])) - by_rank.keys())
+        if missing:
+            raise ValueError(f"SFT data state: no state from data-parallel rank(s) {missing} of {layout['dp_size']}; "
+                             "merge the states of every rank")
+        position, accumulation = first["position"], layout["grad_accum"]
+        if position % accumulation:
+            raise ValueError(f"SFT data state: saved after micro-batch {position} of epoch {first['epoch']}, "
+                             f"{position % accumulation} into an optimizer step of {accumulation}; save at a step "
+                             "boundary")
+        return {"epoch": first["epoch"], "steps": position // accumulation,
+                "answer_tokens": sum(state["answer_tokens"] for state in by_rank.values()),
+                "settings": {name: first["settings"][name] for name in SFTStream.RUN_FIELDS},
+                "saved_layout": layout, "identity": dict(first["identity"])}
+
+    def load_state_dict(self, run_state: dict) -> None:
+        """Continue from the run's merged state (`merge`) under this stream's layout: the same
+        global batch, seed, data and settings, any split of the global batch. The answer-token
+        total goes to data-parallel rank 0."""
+        if "steps" not in run_state:
+            raise ValueError("SFT data state: expected the run's merged state (SFTStream.merge of every rank's "
+                             f"state_dict()), got one with keys {sorted(run_state)}")
+        saved = {**run_state["settings"], **run_state["identity"]}
+        now = {**self.settings(), **self.identity}
         changed = [f"{name}: {saved.get(name)!r} in the checkpoint, {value!r} now"
                    for name, value in now.items() if saved.get(name) != value]
         if changed:
-            raise ValueError("SFT data state: " + "; ".join(changed) + ". Resume with the same "
-                             "conversations, tokenizer and batch settings, or start the data afresh")
-        self.batches.load_state_dict(state)
-        self.answer_tokens = int(state["answer_tokens"])
+            raise ValueError("SFT data state: " + "; ".join(changed) + ". Resume with the same conversations, "
+                             "tokenizer, seed, global batch and data settings, or start the data afresh")
+        epoch, steps = int(run_state["epoch"]), int(run_state["steps"])
+        full_steps = len(self.batches.epoch_steps(epoch)[0])
+        if not 0 <= steps <= full_steps:
+            raise ValueError(f"SFT data state: {steps} steps done in epoch {epoch}, which has {full_steps}; "
+                             "the state does not belong to these conversations")
+        self.batches.load_state_dict({"epoch": epoch, "position": steps * self.batches.grad_accum})
+        self.answer_tokens = int(run_state["answer_tokens"]) if self.batches.dp_rank == 0 else 0
         self._iterator = None
+
+    def describe_change(self, run_state: dict) -> str | None:
+        """How this stream's layout differs from the one `run_state` was saved under, or None."""
+        saved, now = run_state["saved_layout"], self.layout()
+        if saved == now:
+            return None
+        return f"SFT data: continues from {_spelled_layout(saved)} to {_spelled_layout(now)}"
 
     def close(self) -> None:
         self._iterator = None
+
+
+def _spelled_layout(layout: dict[str, int]) -> str:
+    return f"DP {layout['dp_size']} x micro {layout['batch_size']} x accumulation {layout['grad_accum']}"

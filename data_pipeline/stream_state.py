@@ -1,10 +1,11 @@
-"""Where one loader worker stands in one data source, and how it moves on: the resumable cursor.
+"""Where one lane of the global batch stands in one data source, and how it moves on: the resumable cursor.
 
 Every source is an infinite sequence of shard *items*: perm(epoch 0) ++ perm(epoch 1) ++ ...,
-each perm keyed by (seed, "shards", source, epoch) and the same on every rank. Slot j of S
-(one per data-parallel rank x loader worker x row of the micro-batch) owns items j, j+S, j+2S,
-...: every slot has data forever, even with fewer shards than slots (lockstep), and epoch 0 is
-spread over the slots exactly once.
+each perm keyed by (seed, "shards", source, epoch) and the same on every rank. Lane l of G (one
+per row of the global batch, see `data_pipeline.streaming`) owns items l, l+G, l+2G, ...: every
+lane has data forever, even with fewer shards than lanes (lockstep), and epoch 0 is spread over
+the lanes exactly once. Nothing here depends on how the lanes are split over ranks, micro-steps
+or loader workers.
 Inside an item the samples are visited in the order keyed by (seed, "samples", source,
 item_index), and the cursor hands out their tokens in order, never dropping one.
 
@@ -41,23 +42,23 @@ def shard_order(seed: int, source_name: str, epoch: int, num_shards: int) -> lis
     return torch.randperm(num_shards, generator=generator).tolist()
 
 
-def start_position(slot: int) -> dict[str, int]:
-    """A slot's position before it has read anything: the start of its first item."""
-    return {"item_index": slot, "sample_position": 0, "token_offset": 0}
+def start_position(lane: int) -> dict[str, int]:
+    """A lane's position before it has read anything: the start of its first item."""
+    return {"item_index": lane, "sample_position": 0, "token_offset": 0}
 
 
 class SourceCursor:
-    """The token stream of one source as seen by one slot, positioned at `position`.
+    """The token stream of one source as seen by one lane, positioned at `position`.
 
     The current shard item is decoded when the cursor reaches it (one shard in memory per
     source); items whose manifest records no tokens are skipped without being read.
     """
 
-    def __init__(self, source: SourceData, *, seed: int, num_slots: int, vocab_size: int,
+    def __init__(self, source: SourceData, *, seed: int, num_lanes: int, vocab_size: int,
                  position: dict[str, int]):
         self.source = source
         self.seed = seed
-        self.num_slots = num_slots
+        self.num_lanes = num_lanes
         self.vocab_size = vocab_size
         self.decoded_samples = 0
         self._order_epoch = -1
@@ -94,10 +95,10 @@ class SourceCursor:
         return self.source.shards[self._order[item_index % num_shards]]
 
     def _open_item(self, item_index: int) -> None:
-        """Decode the first item at or after `item_index` (in this slot's items) that holds tokens."""
+        """Decode the first item at or after `item_index` (in this lane's items) that holds tokens."""
         info = self._shard_of(item_index)
         while info.tokens == 0:
-            item_index += self.num_slots
+            item_index += self.num_lanes
             info = self._shard_of(item_index)
         path = self.source.directory / info.name
         samples = read_shard(path, self.vocab_size, info.sha256)
@@ -132,5 +133,5 @@ class SourceCursor:
             self.token_offset = 0
             self.sample_position += 1
             if self.sample_position == len(self._samples):
-                self._open_item(self.item_index + self.num_slots)
+                self._open_item(self.item_index + self.num_lanes)
                 return

@@ -14,11 +14,11 @@ import os
 import socket
 import sys
 from datetime import timedelta
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 
-from parallel.fused_projections import whole_released_tensors
+from parallel.fused_projections import ModelParameter, whole_released_tensors
 from parallel.rendezvous import check_master_reachable
 
 
@@ -142,17 +142,23 @@ def model_construction(config: dict, mpu=None, enabled: bool = True):
                                enabled=enabled and stage3)
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+def full_state_dict(module: torch.nn.Module,
+                    value_of: Callable[[ModelParameter], torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
     """Every parameter whole under its released name (ZeRO partitions gathered, tensor-parallel
     shards concatenated, fused projections split), on rank 0's CPU, one parameter at a time;
     None on other ranks. A collective: every rank calls it.
+
+    value_of: a tensor of each parameter's tensor-parallel shape, whole over ZeRO partitions, to
+    save instead of its weights (an optimizer state; computed by every rank, as it may be a
+    collective over the data-parallel group).
     """
     deepspeed = import_deepspeed()
     first = rank() == 0
     out = {}
     for p in module.whole_model_parameters():
-        with deepspeed.zero.GatheredParameters([p.param], modifier_rank=None):
-            for released, tensor in whole_released_tensors(p):
+        with deepspeed.zero.GatheredParameters([p.param], modifier_rank=None, enabled=value_of is None):
+            value = value_of(p) if value_of is not None else None
+            for released, tensor in whole_released_tensors(p, value):
                 if first:
                     out[released] = tensor.cpu().clone()
     return out if first else None

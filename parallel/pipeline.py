@@ -206,22 +206,24 @@ class LLaDAPipeline(PipelineModule):
         for layer in self.forward_funcs:
             yield from layer.whole_model_parameters()
 
-    def whole_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def whole_state_dict(self, value_of: Callable[[ModelParameter], torch.Tensor] | None = None
+                         ) -> dict[str, torch.Tensor] | None:
         """Every parameter whole under its released name, on global rank 0's CPU (None on other
         ranks): within each stage the tensor-parallel shards are concatenated (fused projections
         split into their released tensors), and the stage's first rank sends its tensors to
         rank 0, one at a time. A collective over the first data-parallel replica (every rank
-        calls it)."""
+        calls it). value_of: as `parallel.engine.full_state_dict`'s (an fp32 optimizer state);
+        every data-parallel rank computes it, as it may be a collective over that group."""
         dist = torch.distributed
         rank = dist.get_rank()
         here = coordinates(rank, dist.get_world_size(), self.tp_size, self.pp_size)
         out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
-        if here.dp_rank != 0:
+        if here.dp_rank != 0 and value_of is None:
             return out
         for stage in range(self.pp_size):
             src = rank_of(0, 0, stage, self.tp_size, self.dp_size)
             if here.pp_rank == stage:
-                self._send_stage(rank, src, out)
+                self._send_stage(rank, src, out, value_of, sends=here.dp_rank == 0)
             elif rank == 0:
                 meta = [None]
                 dist.recv_object_list(meta, src=src)
@@ -231,15 +233,19 @@ class LLaDAPipeline(PipelineModule):
                     out[name] = tensor
         return out
 
-    def _send_stage(self, rank: int, src: int, out: dict | None) -> None:
+    def _send_stage(self, rank: int, src: int, out: dict | None,
+                    value_of: Callable[[ModelParameter], torch.Tensor] | None, sends: bool) -> None:
         dist = torch.distributed
         params = list(self.whole_model_parameters())
         if rank == src and src != 0:
-            meta = [(released, shape, p.param.dtype) for p in params
+            meta = [(released, shape, torch.float32 if value_of else p.param.dtype) for p in params
                     for released, shape in released_shapes(p, self.tp_size)]
             dist.send_object_list([meta], dst=0)
         for p in params:
-            for released, whole in whole_released_tensors(p):
+            value = value_of(p) if value_of is not None else None
+            if not sends:
+                continue
+            for released, whole in whole_released_tensors(p, value):
                 if rank == 0:
                     out[released] = whole.cpu().clone()
                 elif rank == src:

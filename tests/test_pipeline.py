@@ -66,6 +66,7 @@ def test_pp2_follows_pp1_with_short_micro_batches_resumes_and_exports(tmp_path, 
     # resume: a fresh engine from the step-3 checkpoint replays steps 4-5 bit for bit
     for r in ranks:
         assert r["resumed_losses"] == r["uninterrupted_losses"]
+        assert r["layout_free_resumed_loss"] < 1e-6, r  # from whole weights and optimizer.safetensors
         assert r["control_weights_only_loss"] > 1e-3, r
     assert first["resumed_weights_diff"] == 0.0
     assert first["checkpoint_weights_3"] < 1e-5, first
@@ -83,6 +84,7 @@ def test_pp2_tp2_and_pp2_dp2_follow_the_single_process_run(tmp_path, subprocess_
         assert r["control_dp_world_size"] == 2 and r["control_loss"] > 1e-2, r
     assert ranks[0]["tp_weights"] < 1e-5 and ranks[0]["dp_weights"] < 1e-5, ranks[0]
     assert ranks[0]["control_weights"] > 1e-2, ranks[0]
+    assert ranks[0]["dp_master_weights"] == 0.0 and ranks[0]["dp_state_names"], ranks[0]
     # both tensor-parallel ranks of stage 1 receive the whole hidden state, never a TP shard
     for r in ranks:
         shapes = r["tp_boundary_shapes"]

@@ -11,22 +11,28 @@ on data prepared once for the module:
 - SIGTERM to one rank: both ranks save the same step and the job exits 0;
 - injected NaN steps are skipped and counted, K in a row halt the run with the recovery;
 - a learning-rate override on resume is logged and followed; a new layout (one rank, fused
-  projections) restarts from the weights and says that the optimizer state was dropped, and
-  its checkpoint keeps the released tensor names; retention keeps last N + every Mth.
+  projections) says what changed and what was carried over (test_elastic_resume.py checks that
+  it is exact), and its checkpoint keeps the released tensor names; retention keeps last N +
+  every Mth.
 """
 
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from support.ports import free_port
+from support.training_runs import (
+    BASE,
+    REPO,
+    command,
+    losses_after_last_resume,
+    step_records,
+    train_run,
+)
 
 from pretrain.checkpoint import store as ckpt
 from pretrain.checkpoint import weights
@@ -34,50 +40,6 @@ from pretrain.checkpoint.hf_format import expected_tensors
 from pretrain.checkpoint.safetensors_stream import read_header
 from pretrain.training.config import load_config
 from pretrain.training.loop import run
-
-REPO = Path(__file__).resolve().parents[1]
-BASE = ["train.micro_batch_size=4", "train.global_batch_size=8", "model.n_layers=2",
-        "validation.every=0", "validation.elbo_every=0", "logging.every=1",
-        "logging.progress_bar=false", "data.num_workers=1", "data.variable_length_prob=0.05", "checkpoint.every=3",
-        "checkpoint.keep_last=0", "sample.gen_length=4", "sample.steps=4", "sample.block_length=4"]
-
-
-def command(ranks: int, *args: str) -> list[str]:
-    train = ["-m", "pretrain.train", "--config", str(REPO / "recipes" / "tiny.yaml")]
-    if ranks == 1:
-        return [sys.executable, *train, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *train, *args]
-
-
-def train_run(env, ranks: int, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(ranks, *BASE, *args, f"train.out_dir={out}"), capture_output=True,
-                          text=True, timeout=300, env=env, cwd=REPO)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def step_records(out: Path) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
-
-
-def losses_after_last_resume(out: Path) -> dict[int, float]:
-    records = step_records(out)
-    marks = [i for i, r in enumerate(records) if "resumed_from" in r]
-    start = marks[-1] + 1 if marks else 0
-    return {r["step"]: r["loss"] for r in records[start:] if "loss" in r}
-
-
-@pytest.fixture(scope="module")
-def data_args(tmp_path_factory, subprocess_env) -> list[str]:
-    """Prepare the corpus once (a 2-step run) and train every later run on its shards."""
-    out = tmp_path_factory.mktemp("prepare")
-    train_run(subprocess_env, 1, out, "train.steps=1", "data.max_bytes=1500000",
-              "data.heldout_fraction=0.1")
-    data = out / "data"
-    return ["data.source=shards", f"data.sources=[{{path: {data / 'train'}}}]",
-            f"data.tokenizer={data / 'tokenizer.json'}"]
 
 
 @pytest.fixture(scope="module")
@@ -236,9 +198,9 @@ def test_lr_override_and_new_layout_on_resume(tmp_path, subprocess_env, data_arg
     proc = train_run(subprocess_env, 1, out, "train.steps=8", *data_args, "schedule.lr_scale=0.5",
                      "fast.fuse_projections=true", "--resume", "auto")
     assert "resume override schedule.lr_scale: 1.0 -> 0.5" in proc.stdout
-    assert ("layout changed from {'tensor_parallel': 1, 'data_parallel': 2} to {'tensor_parallel': 1, "
-            "'data_parallel': 1, 'fused_projections': True}: loaded the weights only; the optimizer "
-            "state was dropped") in proc.stdout
+    assert ("layout changed from TP 1 x DP 2, ZeRO-3 to TP 1 x DP 1, ZeRO-3, fused projections\n"
+            "carried over: the weights, the optimizer state (fp32 master weights, both Adam moments, AdamW step 6)"
+            ) in proc.stdout
     # the fused run read the unfused checkpoint and writes the released format itself
     newest = weights.weights_checkpoint(out / "checkpoints")
     assert newest.name == ckpt.tag_of(8)

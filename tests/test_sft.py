@@ -235,6 +235,17 @@ def test_data_parallel_ranks_get_disjoint_slices_of_equal_count(tokenizer, sft_f
     assert all(rank0 + rank1 == global_batch for rank0, rank1, global_batch in zip(*ranks, whole))
 
 
+def test_accumulation_takes_micro_steps_of_one_step_batch_and_leaves_the_rest_over(tokenizer, sft_file):
+    """11 pairs in steps of G = 2 x 2 x 2 = 8: one step, 3 left over; rank r's micro-step m is rows
+    (m x 2 + r) x 2 onward of the step, so each rank runs 2 micro-batches per epoch."""
+    step = make_batches(tokenizer, sft_file, batch_size=8).epoch_plan(0)[0]
+    ranks = [make_batches(tokenizer, sft_file, dp_rank=r, dp_size=2, grad_accum=2) for r in range(2)]
+    plans = [rank.epoch_plan(0) for rank in ranks]
+    assert [len(plan) for plan, _ in plans] == [2, 2] and plans[0][1].left_over == 3
+    assert plans[0][0][0] + plans[1][0][0] + plans[0][0][1] + plans[1][0][1] == step[0]
+    assert ranks[1].global_batch_size == 8 and ranks[1].first_row(1) == 6
+
+
 def test_fixed_width_batches_pad_every_row_to_seq_len(tokenizer, sft_file):
     batches = as_lists(make_batches(tokenizer, sft_file, pad_to=96))
     assert all(len(row) == 96 for ids, _ in batches for row in ids)
@@ -243,21 +254,25 @@ def test_fixed_width_batches_pad_every_row_to_seq_len(tokenizer, sft_file):
 
 
 def test_stream_runs_epoch_after_epoch_and_refuses_other_data_on_resume(tokenizer, sft_file):
-    """The trainer's stream: epochs back to back (5 batches each here), resumable mid-epoch, and a
-    saved position is refused for other conversations or batch settings, naming what changed."""
+    """The trainer's stream: epochs back to back (5 batches each here), resumable mid-epoch from the
+    merged state, and a saved position is refused for other conversations or a global batch, naming
+    what changed."""
     stream = SFTStream(make_batches(tokenizer, sft_file), {"conversations_sha256": "a"})
     assert stream.first_epoch == (5, SFTCounts(truncated=0, dropped=0, left_over=1))
     epochs = as_lists(next(stream) for _ in range(12))
     assert epochs[:5] == as_lists(make_batches(tokenizer, sft_file))
     assert stream.counters()["sft"]["epoch"] == 2 and stream.state_dict()["position"] == 2
 
+    run_state = SFTStream.merge([stream.state_dict()])
+    assert (run_state["epoch"], run_state["steps"]) == (2, 2)
     resumed = SFTStream(make_batches(tokenizer, sft_file), {"conversations_sha256": "a"})
-    resumed.load_state_dict(stream.state_dict())
+    resumed.load_state_dict(run_state)
+    assert resumed.describe_change(run_state) is None
     assert as_lists([next(resumed)]) == as_lists([next(stream)])
     with pytest.raises(ValueError, match="conversations_sha256: 'a' in the checkpoint, 'b' now"):
-        SFTStream(make_batches(tokenizer, sft_file), {"conversations_sha256": "b"}).load_state_dict(stream.state_dict())
-    with pytest.raises(ValueError, match="batch_size: 2 in the checkpoint, 3 now"):
+        SFTStream(make_batches(tokenizer, sft_file), {"conversations_sha256": "b"}).load_state_dict(run_state)
+    with pytest.raises(ValueError, match="global_batch_size: 2 in the checkpoint, 3 now"):
         SFTStream(make_batches(tokenizer, sft_file, batch_size=3),
-                  {"conversations_sha256": "a"}).load_state_dict(stream.state_dict())
-    with pytest.raises(ValueError, match="no full global batch"):
+                  {"conversations_sha256": "a"}).load_state_dict(run_state)
+    with pytest.raises(ValueError, match="no full optimizer step of 12 pairs"):
         next(SFTStream(make_batches(tokenizer, sft_file, batch_size=12), {}))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -207,7 +208,8 @@ def losses(out: Path, since_resume: bool = False) -> dict[int, float]:
 def test_sft_on_two_ranks_follows_one_process_and_resumes_bit_for_bit(tmp_path, subprocess_env):
     """Global batches of 16 pairs: 2 ranks x 8 against 1 process x 8 x 2 accumulated (the same
     pairs, padding and noise per row); then 4 steps + `--resume auto` to 8 against the
-    uninterrupted 2-rank run, bit for bit (the SFT data position is restored with the rest)."""
+    uninterrupted 2-rank run, bit for bit (the SFT data position is restored with the rest), and
+    the step-4 checkpoint continued by one process within float tolerance (elastic resume)."""
     write_conversations(tmp_path)
     train_bpe(sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py")), 1024, tmp_path / "tokenizer.json")
 
@@ -230,8 +232,15 @@ def test_sft_on_two_ranks_follows_one_process_and_resumes_bit_for_bit(tmp_path, 
                      since_resume=True)
     assert sorted(resumed) == [5, 6, 7, 8]
     assert resumed == {s: whole[s] for s in resumed}  # bit for bit
-    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000008" / "rank_00001.json").read_text())
-    assert state["data"]["position"] == 8 and state["data"]["settings"]["dp_rank"] == 1
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000008" / "data_state.json").read_text())
+    assert state["saved_layout"] == {"dp_size": 2, "batch_size": 8, "grad_accum": 1}
+    # elastic: the 2-rank step-4 checkpoint continued by one process (8 x 2 accumulated)
+    shutil.copytree(tmp_path / "resumed" / "checkpoints" / "step_00000004",
+                    tmp_path / "elastic" / "checkpoints" / "step_00000004")
+    elastic = losses(run(1, "elastic", "train.steps=8", "train.global_batch_size=16", "--resume", "auto"),
+                     since_resume=True)
+    assert sorted(elastic) == [5, 6, 7, 8]
+    assert all(elastic[s] == pytest.approx(whole[s], rel=1e-5) for s in elastic)
 
 
 def test_export_if_finished_skips_an_unfinished_run(sft_run, subprocess_env, tmp_path):

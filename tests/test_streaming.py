@@ -1,6 +1,7 @@
 """The training data stream: exact coverage, bit-for-bit resume, lockstep, mixing and the 1% rule.
 
 Every token id in these corpora is unique (and above 65535), so where a token went is exact.
+Resuming under another layout is tested in test_elastic_stream.py.
 """
 
 import json
@@ -23,13 +24,13 @@ FIVE_SHARDS = UNEVEN_SHARDS[:5]
 THREE_SHARDS = UNEVEN_SHARDS[:3]
 
 
-
 def shorten_batch(batch: torch.Tensor, generator: torch.Generator, prob: float) -> torch.Tensor:
     """The reference code's 1% rule: with probability prob, cut the whole batch to a length drawn
     from U{1..L} and drop the tails (draws: one uniform, then one length, every time)."""
     shorten = torch.rand((), generator=generator).item() < prob
     length = int(torch.randint(1, batch.shape[1] + 1, (), generator=generator))
     return batch[:, :length] if shorten else batch
+
 
 def write_source(directory, shards, first_id, sha=SHA):
     """Write shards of consecutive unique ids; return each shard's samples (in file order)."""
@@ -47,7 +48,7 @@ def write_source(directory, shards, first_id, sha=SHA):
 
 
 def make_loader(specs, **overrides):
-    options = dict(seq_len=8, batch_size=2, seed=SEED, dp_rank=0, dp_size=1, num_workers=0,
+    options = dict(seq_len=8, batch_size=2, grad_accum=1, seed=SEED, dp_rank=0, dp_size=1, num_workers=0,
                    vocab_size=VOCAB, tokenizer_sha256=SHA, variable_length_prob=0.0)
     options.update(overrides)
     return TokenBatchLoader(specs, **options)
@@ -72,8 +73,8 @@ def two_sources(tmp_path):
 def test_epoch_zero_is_spread_over_ranks_and_workers_exactly_once(tmp_path, layout):
     shards = write_source(tmp_path / "a", layout, 70_000)
     spec = [SourceSpec("a", str(tmp_path / "a"), 1.0)]
-    dp_size, workers, lanes, seq_len = 2, 2, 2, 8  # lanes: the rows of a micro-batch
-    slots, num_shards = dp_size * workers * lanes, len(shards)
+    dp_size, workers, batch_size, grad_accum, seq_len = 2, 2, 2, 2, 8
+    lanes, num_shards = dp_size * batch_size * grad_accum, len(shards)  # a lane: a row of the global batch
     order = torch.randperm(num_shards, generator=keyed_generator(SEED, "shards", "a", 0)).tolist()
 
     def item_tokens(item):  # the shard at this place of epoch 0, its samples in their keyed order
@@ -81,20 +82,22 @@ def test_epoch_zero_is_spread_over_ranks_and_workers_exactly_once(tmp_path, layo
         visit = torch.randperm(len(samples), generator=keyed_generator(SEED, "samples", "a", item)).tolist()
         return [samples[i] for i in visit]
 
-    epoch_zero = {slot: np.concatenate([t for item in range(slot, num_shards, slots) for t in item_tokens(item)]
-                                       or [np.zeros(0, np.uint32)]) for slot in range(slots)}
-    steps = workers * (max(len(t) for t in epoch_zero.values()) // seq_len + 2)
+    epoch_zero = {lane: np.concatenate([t for item in range(lane, num_shards, lanes) for t in item_tokens(item)]
+                                       or [np.zeros(0, np.uint32)]) for lane in range(lanes)}
+    micro_batches = grad_accum * (max(len(t) for t in epoch_zero.values()) // seq_len + 2)
 
     rank_tokens = []
     for rank in range(dp_size):
-        batches = take(make_loader(spec, dp_rank=rank, dp_size=dp_size, num_workers=workers,
-                                   batch_size=lanes, seq_len=seq_len), steps)
-        assert [b.worker for b in batches] == [i % workers for i in range(steps)]  # round-robin
+        batches = take(make_loader(spec, dp_rank=rank, dp_size=dp_size, num_workers=workers, batch_size=batch_size,
+                                   grad_accum=grad_accum, seq_len=seq_len), micro_batches)
+        assert [b.micro_batch for b in batches] == list(range(micro_batches))
         prefixes = []
-        for worker in range(workers):
-            for lane in range(lanes):
-                expected = epoch_zero[(worker * dp_size + rank) * lanes + lane]
-                stream = np.concatenate([b.input_ids[lane].numpy() for b in batches if b.worker == worker])
+        for micro_step in range(grad_accum):
+            for row in range(batch_size):
+                lane = (micro_step * dp_size + rank) * batch_size + row
+                assert all(b.lanes[row] == lane for b in batches[micro_step::grad_accum])
+                stream = np.concatenate([b.input_ids[row].numpy() for b in batches[micro_step::grad_accum]])
+                expected = epoch_zero[lane]
                 assert len(stream) > len(expected)
                 prefixes.append(stream[:len(expected)])
                 assert np.array_equal(prefixes[-1], expected)
@@ -104,36 +107,44 @@ def test_epoch_zero_is_spread_over_ranks_and_workers_exactly_once(tmp_path, layo
     assert np.array_equal(np.sort(np.concatenate(rank_tokens)), np.sort(corpus))
 
 
-@pytest.mark.parametrize("num_workers,mode,steps_before", [(2, "carry", 40), (0, "carry", 40),
-                                                           (2, "discard", 40), (2, "carry", 1)])
-def test_resume_continues_bit_for_bit_without_replaying(two_sources, num_workers, mode, steps_before):
+@pytest.mark.parametrize("num_workers,mode,micro_batches_before", [(2, "carry", 40), (0, "carry", 40),
+                                                                   (2, "discard", 40), (2, "carry", 2)])
+def test_resume_continues_bit_for_bit_without_replaying(two_sources, num_workers, mode, micro_batches_before):
     options = dict(num_workers=num_workers, variable_length_prob=0.3, variable_length_mode=mode,
-                   batch_size=3, dp_size=2, dp_rank=1)
-    steps_after = 9
-    reference = make_loader(two_sources, **options)
-    expected = take(reference, steps_before + steps_after)
+                   batch_size=3, grad_accum=2, dp_size=2)
+    micro_batches_after = 9
+    reference = make_loader(two_sources, dp_rank=1, **options)
+    expected = take(reference, micro_batches_before + micro_batches_after)
 
-    interrupted = make_loader(two_sources, **options)
-    take(interrupted, steps_before)
-    state = json.loads(json.dumps(interrupted.state_dict()))  # checkpoints store plain data
-    interrupted.close()
-    resumed = make_loader(two_sources, **options)
-    resumed.load_state_dict(state)
-    got = take(resumed, steps_after)
+    states = []
+    for rank in range(2):
+        interrupted = make_loader(two_sources, dp_rank=rank, **options)
+        take(interrupted, micro_batches_before)
+        states.append(json.loads(json.dumps(interrupted.state_dict())))  # checkpoints store plain data
+        interrupted.close()
+    resumed = make_loader(two_sources, dp_rank=1, **options)
+    resumed.load_state_dict(TokenBatchLoader.merge(states))
+    got = take(resumed, micro_batches_after)
 
-    for want, have in zip(expected[steps_before:], got):
+    for want, have in zip(expected[micro_batches_before:], got):
         assert torch.equal(want.input_ids, have.input_ids)
-        assert (want.worker, want.batch_index, want.source_tokens) == (have.worker, have.batch_index,
-                                                                       have.source_tokens)
+        assert (want.micro_batch, want.lanes, want.source_tokens) == (have.micro_batch, have.lanes,
+                                                                      have.source_tokens)
     assert any(b.shortened for b in got)
-    assert resumed.counters() == reference.counters()
-    lanes = options["batch_size"]  # every row of a micro-batch reads its own place in each source
-    one_shard_per_lane = lanes * sum(max(s.samples for s in read_manifest(spec.path).shards)
-                                     for spec in two_sources)
+    not_resumed = take(make_loader(two_sources, dp_rank=1, **options), micro_batches_after)  # negative control
+    assert not all(a.input_ids.shape == b.input_ids.shape and torch.equal(a.input_ids, b.input_ids)
+                   for a, b in zip(expected[micro_batches_before:], not_resumed))
+    # the run's tokens so far are counted on data-parallel rank 0 (the trainer sums over ranks)
+    assert {name: c["tokens"] for name, c in resumed.counters().items()} == {
+        name: sum(b.source_tokens[name] for b in got) for name in ("a", "b")}
+    assert [c["epoch"] for c in resumed.counters().values()] == [c["epoch"] for c in reference.counters().values()]
+    assert resumed.state_dict()["lanes"] == reference.state_dict()["lanes"]
+    rank_lanes = options["batch_size"] * options["grad_accum"]  # every row of a step reads its own place
+    one_shard_per_lane = rank_lanes * sum(max(s.samples for s in read_manifest(spec.path).shards)
+                                          for spec in two_sources)
     assert all(b.restore_decoded_samples <= one_shard_per_lane for b in got)
-    if steps_before > 2:  # every worker had decoded more by then: a restore that replayed would too
-        decoded_by_worker = {b.worker: b.decoded_samples for b in expected[:steps_before]}
-        assert min(decoded_by_worker.values()) > one_shard_per_lane
+    if micro_batches_before > 2:  # the lanes had decoded more by then: a restore that replayed would too
+        assert expected[micro_batches_before - 1].decoded_samples > one_shard_per_lane
 
 
 @pytest.mark.parametrize("layout", [FIVE_SHARDS, THREE_SHARDS], ids=["5-shards", "3-shards"])
@@ -154,7 +165,7 @@ def test_mixing_meets_the_weights_in_tokens(tmp_path):
     loader = make_loader(specs, dp_rank=1, dp_size=2)
     batches = take(loader, 200)
     rows = 200 * 2
-    # row k * 2 + lane is lane `lane` of batch k: slot (worker 0 * dp_size 2 + rank 1) * 2 + lane
+    # row k * 2 + i is row i of step k: lane (micro-step 0 * dp_size 2 + rank 1) * 2 + i
     draws = [torch.rand((), dtype=torch.float64,
                         generator=keyed_generator(SEED, "mix", 2 + row % 2, row // 2)).item()
              for row in range(rows)]
@@ -176,7 +187,7 @@ def test_one_percent_rule_shortens_about_one_percent_with_keyed_lengths(tmp_path
     for seed in (0, 1):
         shapes = [b.input_ids.shape[1] for b in take(make_loader(spec, seed=seed, batch_size=1, seq_len=seq_len,
                                                                variable_length_prob=prob), steps)]
-        reference = [shorten_batch(torch.zeros(1, seq_len), keyed_generator(seed, "length", 0, 0, i),
+        reference = [shorten_batch(torch.zeros(1, seq_len), keyed_generator(seed, "length", i, 0),
                                    prob).shape[1] for i in range(steps)]
         assert shapes == reference
         shortened_at[seed] = {i for i, n in enumerate(shapes) if n < seq_len}
@@ -200,7 +211,7 @@ def test_carry_loses_no_token_and_discard_cuts_like_the_reference(tmp_path):
         unshortened = np.concatenate([b.input_ids[lane].numpy() for b in full])
         assert np.array_equal(carried, unshortened[:len(carried)])
     for i, (whole, cut) in enumerate(zip(full, discard)):
-        lengths = keyed_generator(SEED, "length", 0, 0, i)
+        lengths = keyed_generator(SEED, "length", i, 0)
         assert torch.equal(cut.input_ids, shorten_batch(whole.input_ids, lengths, prob))
     assert [b.input_ids.shape for b in carry] == [b.input_ids.shape for b in discard]
 
@@ -214,23 +225,22 @@ def test_batches_depend_on_the_data_parallel_rank_only(two_sources):
                    for a, b in zip(first, other))
 
 
-def test_no_workers_is_the_stream_of_one_worker(two_sources):
-    in_process = take(make_loader(two_sources, num_workers=0, variable_length_prob=0.3), 10)
-    one_worker = take(make_loader(two_sources, num_workers=1, variable_length_prob=0.3), 10)
-    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(in_process, one_worker))
+@pytest.mark.parametrize("num_workers,batch_size,grad_accum", [(1, 2, 2), (2, 2, 2), (2, 1, 1)],
+                         ids=["1-worker", "2-workers", "more-workers-than-lanes"])
+def test_the_stream_does_not_depend_on_the_number_of_workers(two_sources, num_workers, batch_size, grad_accum):
+    options = dict(variable_length_prob=0.3, batch_size=batch_size, grad_accum=grad_accum)
+    in_process = take(make_loader(two_sources, num_workers=0, **options), 10)
+    in_workers = take(make_loader(two_sources, num_workers=num_workers, **options), 10)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(in_process, in_workers))
+    other_seed = take(make_loader(two_sources, num_workers=num_workers, **dict(options, seed=SEED + 1)), 10)
+    assert not all(a.input_ids.shape == b.input_ids.shape and torch.equal(a.input_ids, b.input_ids)
+                   for a, b in zip(in_process, other_seed))
 
 
 def test_tokenizer_mismatch_names_the_directory_and_both_hashes(tmp_path):
     write_source(tmp_path / "a", THREE_SHARDS, 70_000, sha="e" * 64)
     with pytest.raises(ValueError, match=rf"{tmp_path / 'a'}.*{'e' * 64}.*{SHA}.*training tokenizer"):
         make_loader([SourceSpec("a", str(tmp_path / "a"), 1.0)])
-
-
-def test_resuming_with_another_data_parallel_size_is_refused(two_sources):
-    loader = make_loader(two_sources, dp_size=2)
-    take(loader, 3)
-    with pytest.raises(ValueError, match="dp_size is 2 in the checkpoint but 4 now.*same data-parallel size"):
-        make_loader(two_sources, dp_size=4).load_state_dict(loader.state_dict())
 
 
 def test_truncated_shard_is_reported_by_name(tmp_path):

@@ -83,8 +83,9 @@ def test_checkpoints_publish_complete(run_dir):
     for step in (20, 40):
         ckpt = root / f"step_{step:08d}"
         assert (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
-        data_state = json.loads((ckpt / "rank_00000.json").read_text())["data"]
-        assert data_state["dp_size"] == 1 and data_state["batch_size"] == 8
+        data_state = json.loads((ckpt / "data_state.json").read_text())
+        assert data_state["steps"] == step and data_state["saved_layout"]["batch_size"] == 8
+        assert (ckpt / "optimizer.safetensors").is_file()
         saved = yaml.safe_load((ckpt / "config.yaml").read_text())
         assert saved["train"]["steps"] == STEPS
     weights = load_file(str(root / "step_00000040" / "model.safetensors"))

@@ -77,7 +77,7 @@ def corrupted(request, clean, tmp_path) -> Path:
 
 def loader(directory: Path, num_workers: int) -> TokenBatchLoader:
     return TokenBatchLoader([SourceSpec(name="web", path=str(directory), weight=1.0)], seq_len=64, batch_size=2,
-                            seed=3, dp_rank=0, dp_size=1, num_workers=num_workers, vocab_size=VOCAB,
+                            grad_accum=1, seed=3, dp_rank=0, dp_size=1, num_workers=num_workers, vocab_size=VOCAB,
                             tokenizer_sha256=SHA, variable_length_prob=0.0)
 
 

@@ -1,19 +1,22 @@
 """Checkpoints that are complete or absent, and resuming from them.
 
 DeepSpeed writes its sharded model and optimizer states under a temporary tag; every rank
-adds its own state (`rank_XXXXX.json`: the data stream's position and the RNG states); rank 0
-adds `trainer_state.json` (step, tokens, guard-rail state, layout), the whole weights as
-`model.safetensors` (what sampling, export and a weights-only restart read), the resolved
-config and the tokenizer, then, once every rank has written, renames the directory to
+adds its own RNG state (`rank_XXXXX.json`); rank 0 adds `trainer_state.json` (step, tokens,
+guard-rail state, layout), the whole weights as `model.safetensors` (what sampling, export and a
+weights-only restart read), the optimizer state whole under the released names as
+`optimizer.safetensors` (`pretrain.checkpoint.optimizer_state`; on the saves that write it),
+the run's data position as `data_state.json` (every source's lanes, whatever the layout), the
+resolved config and the tokenizer, then, once every rank has written, renames the directory to
 `step_XXXXXXXX` and replaces the `latest` file, both atomic on one file system. A crash at any
 point leaves the previous complete checkpoint as the newest `step_*` directory. Retention keeps
 the newest `keep_last` and every `keep_every`-th step.
 
-Resuming in the same layout (tensor-, pipeline- and data-parallel sizes) restores everything
-through DeepSpeed (a pipeline's per-layer files included); in another layout only the weights
-are loaded, and the run says so. A pipeline's `model.safetensors` holds the whole model too:
-each stage's tensors are gathered on rank 0 under the released names. A new run can
-start from the weights of a checkpoint or of an imported release (`train.init_from`).
+Resuming in the same layout (tensor-, pipeline- and data-parallel sizes, ZeRO stage, fused
+projections) restores the engine through DeepSpeed's own files (a pipeline's per-layer files
+included); in another layout the weights, `optimizer.safetensors` and the data position are
+loaded into the new one (`pretrain.training.trainer`). A pipeline's `model.safetensors` holds the
+whole model too: each stage's tensors are gathered on rank 0 under the released names. A new run
+can start from the weights of a checkpoint or of an imported release (`train.init_from`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pretrain.checkpoint.atomic import atomic_write
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+DATA_STATE = "data_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -99,16 +103,17 @@ def prune(root: Path, keep_last: int, keep_every: int, written: int | None = Non
     return deleted
 
 
-def save_checkpoint(engine, root: str | Path, step: int, *, trainer_state: dict, rank_state: dict,
-                    config: dict, tokenizer_path: str | Path, keep_last: int = 0,
+def save_checkpoint(engine, root: str | Path, step: int, *, trainer_state: dict, data_state: dict | None,
+                    config: dict, tokenizer_path: str | Path, optimizer_state=None, keep_last: int = 0,
                     keep_every: int = 0) -> Path:
-    """Save every rank's shards and state and rank 0's extras for `step`; returns the published path."""
+    """Save every rank's shards and state and rank 0's extras for `step`; returns the published path.
+    On rank 0: `data_state`, the run's merged data position, and `optimizer_state`, the optimizer
+    state gathered whole (`optimizer_state.GatheredOptimizerState`; None: not this save)."""
     root = Path(root)
     this_rank = rank()
     tmp_tag = f".tmp-{tag_of(step)}"
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    atomic_write(root / tmp_tag / f"rank_{this_rank:05d}.json",
-                 json.dumps({**rank_state, "rng": rng_state()}))
+    atomic_write(root / tmp_tag / f"rank_{this_rank:05d}.json", json.dumps({"rng": rng_state()}))
     # a pipeline (parallel.pipeline) gathers its stages itself; other modules hold every layer
     whole_state_dict = getattr(engine.module, "whole_state_dict", None)
     weights = whole_state_dict() if whole_state_dict else full_state_dict(engine.module)
@@ -116,6 +121,9 @@ def save_checkpoint(engine, root: str | Path, step: int, *, trainer_state: dict,
     if this_rank == 0:
         tmp = root / tmp_tag
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        if optimizer_state is not None:
+            optimizer_state.save(tmp)
+        atomic_write(tmp / DATA_STATE, json.dumps(data_state))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         atomic_write(tmp / TRAINER_STATE, json.dumps({"step": step, **trainer_state}))
@@ -149,6 +157,15 @@ def read_trainer_state(path: Path) -> dict:
 
 def read_rank_state(path: Path, rank: int) -> dict:
     return json.loads((path / f"rank_{rank:05d}.json").read_text())
+
+
+def read_data_state(path: Path) -> dict:
+    """The run's data position saved with a checkpoint (layout-free)."""
+    file = path / DATA_STATE
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no {DATA_STATE} (the data position, written by checkpoints of this "
+                              f"version); start a new run from its weights with train.init_from={path}")
+    return json.loads(file.read_text())
 
 
 def load_full_state(engine, path: Path) -> None:

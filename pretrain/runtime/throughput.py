@@ -43,8 +43,8 @@ class FastConfig:
     # torch.optim.AdamW(fused=True): one kernel per parameter group instead of a loop over tensors.
     fused_adamw: bool = False
     # One q/k/v and one gate/up matmul per block (parallel/fused_projections.py); checkpoints
-    # keep the released tensor names, but the optimizer state's layout changes with it, so a
-    # resume across a change loads the weights only.
+    # keep the released tensor names; DeepSpeed's optimizer shards change with it, so a resume
+    # across a change is a change of layout (the optimizer state comes from optimizer.safetensors).
     fuse_projections: bool = False
 
 

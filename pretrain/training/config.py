@@ -244,11 +244,20 @@ class CheckpointConfig:
     keep_every: int = 0       # ... and every step divisible by this (0: none)
     # false: no checkpoint (and so no closing sample) after the last step: profiling runs
     save_at_end: bool = True
+    # Every N-th save (and every save at the end or on preemption) also writes the optimizer state
+    # whole under the released names (`optimizer.safetensors`, 12 bytes per parameter), which a
+    # resume in another layout needs; 0: never (such a resume is then refused).
+    layout_free_every: int = 1
+    # true: a resume in another layout from a checkpoint without that state loads the weights,
+    # step and data position and restarts the optimizer (said in the log); false: refused.
+    resume_without_optimizer: bool = False
 
     def problems(self) -> list[str]:
         out = []
         if self.every < 0:
             out.append("checkpoint.every: must be >= 0 (0 saves only at the end)")
+        if self.layout_free_every < 0:
+            out.append("checkpoint.layout_free_every: must be >= 0 (0: never write the layout-free optimizer state)")
         if self.keep_last < 0 or self.keep_every < 0:
             out.append("checkpoint.keep_last / checkpoint.keep_every: must be >= 0")
         return out

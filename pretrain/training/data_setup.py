@@ -61,11 +61,13 @@ def _prepare_corpus(cfg: RunConfig, data_dir: Path, rank: int) -> tuple[Path, li
     return tokenizer_path, [SourceSpec("train", str(data_dir / "train"), 1.0)], data_dir / "heldout"
 
 
-def build_training_data(cfg: RunConfig, out_dir: Path, *, rank: int, dp_rank: int,
-                        dp_size: int, device: torch.device) -> TrainingData:
+def build_training_data(cfg: RunConfig, out_dir: Path, *, rank: int, dp_rank: int, dp_size: int,
+                        grad_accum: int, device: torch.device) -> TrainingData:
+    """The stream of this data-parallel rank's micro-batches (`grad_accum` per optimizer step: each
+    row of the step's global batch reads a lane of its own, whatever the split) and the held-out data."""
     d = cfg.data
     if d.source == "sft":
-        return _sft_data(cfg, dp_rank=dp_rank, dp_size=dp_size, device=device)
+        return _sft_data(cfg, dp_rank=dp_rank, dp_size=dp_size, grad_accum=grad_accum, device=device)
     if d.source == "shards":
         tokenizer_path = Path(d.tokenizer)
         sources = [SourceSpec(s.name or Path(s.path).name, s.path, s.weight) for s in d.sources]
@@ -77,9 +79,9 @@ def build_training_data(cfg: RunConfig, out_dir: Path, *, rank: int, dp_rank: in
         cfg.model.vocab_size = padded_vocab_size(tok.vocab_size, d.pad_vocab_to_multiple)
     check_fits_model(tok, cfg.model.vocab_size)
     loader = TokenBatchLoader(
-        sources, seq_len=d.seq_len, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-        dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers, vocab_size=cfg.model.vocab_size,
-        tokenizer_sha256=tok.sha256, variable_length_prob=d.variable_length_prob,
+        sources, seq_len=d.seq_len, batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
+        seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers,
+        vocab_size=cfg.model.vocab_size, tokenizer_sha256=tok.sha256, variable_length_prob=d.variable_length_prob,
         variable_length_mode=d.variable_length_mode)
     validation = []
     if cfg.validation.every or cfg.validation.elbo_every:
@@ -93,7 +95,8 @@ def build_training_data(cfg: RunConfig, out_dir: Path, *, rank: int, dp_rank: in
     return TrainingData(tok, loader, validation, [(row, 0) for row in elbo_rows], description)
 
 
-def _sft_data(cfg: RunConfig, *, dp_rank: int, dp_size: int, device: torch.device) -> TrainingData:
+def _sft_data(cfg: RunConfig, *, dp_rank: int, dp_size: int, grad_accum: int,
+              device: torch.device) -> TrainingData:
     d, v = cfg.data, cfg.validation
     tok = load_tokenizer(d.tokenizer)
     check_fits_model(tok, cfg.model.vocab_size)
@@ -101,7 +104,7 @@ def _sft_data(cfg: RunConfig, *, dp_rank: int, dp_size: int, device: torch.devic
     batches = SFTBatches(dialogues, batch_size=cfg.train.micro_batch_size, seq_len=d.seq_len,
                          seed=cfg.train.seed, eos_id=tok.eos_id, overlong=d.sft_overlong, pairs=d.sft_pairs,
                          pad_to=d.seq_len if d.sft_pad_to_seq_len else "longest",
-                         dp_rank=dp_rank, dp_size=dp_size)
+                         dp_rank=dp_rank, dp_size=dp_size, grad_accum=grad_accum)
     identity = {"tokenizer_sha256": tok.sha256,
                 "conversations_sha256": ",".join(file_sha256(Path(path)) for path in d.paths)}
     loader = SFTStream(batches, identity)

@@ -161,7 +161,7 @@ def train(cfg: RunConfig, layout: Layout, rank: int, preemption: PreemptionFlag,
         if trainer.due(cfg.validation.elbo_every):
             trainer.validate_elbo()
         if outcome.preempted or trainer.checkpoint_due():
-            trainer.checkpoint()
+            trainer.checkpoint(preempted=outcome.preempted)
         if outcome.preempted:
             trainer.log.print(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved step "
                               f"{trainer.state.step}; continue with --resume auto")

@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from parallel import engine as ds
 from parallel.memory_plan import parameter_count
 from parallel.topology import coordinates
+from pretrain.checkpoint.optimizer_state import OPTIMIZER_FILE, gather_optimizer_state, load_optimizer_state
 from pretrain.checkpoint.store import (
+    DATA_STATE,
+    CheckpointError,
     find_resume,
     load_full_state,
+    read_data_state,
     read_rank_state,
-    read_trainer_state,
     save_checkpoint,
     set_rng_state,
 )
@@ -39,6 +41,7 @@ from pretrain.training.engine_setup import build_engine, init_from_weights
 from pretrain.training.heldout import heldout_elbo
 from pretrain.training.layout import Layout, deepspeed_config_text, engine_config, launch_report, memory_estimates
 from pretrain.training.objective import objective_for
+from pretrain.training.resume_plan import resume_plan
 from pretrain.training.schedule import lr_at
 from pretrain.training.state import TrainState
 from pretrain.training.step_loss import first_global_row, pipeline_step
@@ -51,18 +54,6 @@ def source_metrics(counters: dict[str, dict[str, int]], ranks_per_replica: int) 
     totals = ds.all_reduce([counters[n]["tokens"] for n in names])
     out = {f"data/{n}/tokens": t / ranks_per_replica for n, t in zip(names, totals)}
     out.update({f"data/{n}/epoch": counters[n]["epoch"] for n in names})
-    return out
-
-
-def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """'section.field: old -> new' for every leaf that differs between two config dicts."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            out += config_changes(old, new, f"{prefix}{key}.")
-        elif old != new and not (isinstance(old, (list, tuple)) and list(old) == list(new or [])):
-            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
     return out
 
 
@@ -116,18 +107,21 @@ class Trainer:
         self.ckpt_root = Path(cfg.checkpoint.dir or self.out_dir / "checkpoints")
         self.device = ds.rank_device()
         self.objective = objective_for(cfg)
-        self.data = build_training_data(cfg, self.out_dir, rank=rank, dp_rank=self.dp_rank,
-                                        dp_size=self.dp_size, device=self.device)
+        self.data = build_training_data(cfg, self.out_dir, rank=rank, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                        grad_accum=layout.grad_accum, device=self.device)
         self.tok = self.data.tokenizer
         if cfg.train.epochs:
             cfg.train.steps = cfg.schedule.total_steps = steps_for_epochs(cfg, self.data.loader, layout)
         self.pipeline = layout.pipeline_parallel > 1
         self.state = TrainState(GuardRails(cfg.guard), layout.checkpoint_key())
+        self.saves = 0  # checkpoints this process has written (`checkpoint.layout_free_every` counts them)
 
     def restore(self, resume: str | None) -> None:
-        """Build the engine and continue the checkpoint `resume` names, if any: all of it on the
-        same layout, the weights only on another (else `train.init_from`'s weights, if given); then
-        open the metrics log (with the configured experiment trackers) and print the run's header."""
+        """Build the engine and continue the checkpoint `resume` names, if any (else start from
+        `train.init_from`'s weights, if given); then open the metrics log (with the configured
+        experiment trackers) and print the run's header. In the saved layout DeepSpeed restores its
+        own files; in another, the whole weights, the layout-free optimizer state and the run's data
+        position are loaded into the new layout, and the change is said (`resume_plan`)."""
         cfg, layout, rank = self.cfg, self.layout, self.rank
         ds_config = engine_config(cfg, layout)
         self.launch_report = ""
@@ -137,15 +131,14 @@ class Trainer:
             print(self.launch_report, flush=True)
             (self.out_dir / "deepspeed_config.json").write_text(deepspeed_config_text(ds_config))
         last_good = resume_point(self.ckpt_root, resume)
-        saved = read_trainer_state(last_good) if last_good is not None else None
-        same_layout = saved is not None and saved["layout"] == self.state.layout
-        notes, weights = [], None
-        if saved is not None and not same_layout:
+        plan = resume_plan(last_good, cfg, self.state.layout) if last_good is not None else None
+        notes = []
+        if plan is not None:  # the data position first: a stream that cannot continue stops before the engine
+            notes = plan.notes + self._restore_data(last_good)
+        weights = None
+        if plan is not None and not plan.same_layout:
             weights = last_good
-            notes.append(f"layout changed from {saved['layout']} to {self.state.layout}: loaded the "
-                         f"weights only; the optimizer state was dropped and the data stream "
-                         f"starts afresh")
-        elif saved is None and cfg.train.init_from:
+        elif plan is None and cfg.train.init_from:
             weights = init_from_weights(cfg)
             notes.append(f"initialised from the weights in {weights}")
         self.engine = build_engine(cfg, ds_config, weights)
@@ -157,17 +150,30 @@ class Trainer:
             self.model_fn = PipelineForward(self.engine.module)
         else:
             self.model_fn = self.engine
-        if saved is not None:
-            saved_cfg = yaml.safe_load((last_good / "config.yaml").read_text())
-            notes[:0] = [f"resume override {change}" for change in config_changes(saved_cfg, cfg.to_dict())]
-            if same_layout:
+        if plan is not None:
+            if plan.same_layout:
                 load_full_state(self.engine, last_good)
-                rank_state = read_rank_state(last_good, rank)
-                self.data.loader.load_state_dict(rank_state["data"])
-                set_rng_state(rank_state["rng"])
-            self.state.load_state_dict(saved)
+                set_rng_state(read_rank_state(last_good, rank)["rng"])
+            elif plan.optimizer:
+                step = load_optimizer_state(self.engine, last_good)
+                notes.insert(len(plan.notes), f"carried over: the weights, the optimizer state (fp32 master weights, "
+                             f"both Adam moments, AdamW step {step}) from {last_good / OPTIMIZER_FILE}, and the data "
+                             f"position")
+            self.state.load_state_dict(plan.trainer_state)
             self.state.saved(last_good)
         self._open_log(notes)
+
+    def _restore_data(self, checkpoint: Path) -> list[str]:
+        """Continue the data stream from the checkpoint's position (any layout of the same global
+        batch); what changed in the stream's layout, if anything."""
+        data_state = read_data_state(checkpoint)
+        try:
+            change = self.data.loader.describe_change(data_state)
+            self.data.loader.load_state_dict(data_state)
+        except ValueError as error:
+            raise CheckpointError(f"{checkpoint / DATA_STATE}: {error}; or start a new run from its weights with "
+                                  f"train.init_from={checkpoint}") from None
+        return [change] if change else []
 
     def _open_log(self, resume_notes: list[str]) -> None:
         cfg, state = self.cfg, self.state
@@ -322,18 +328,36 @@ class Trainer:
         self.log.log(step, {"tokens": self.state.tokens_seen, "val/elbo_nll": nll / tokens})
         self.log.print(f"step {step}: held-out Algorithm 3 bound {nll / tokens:.4f} nats/token")
 
-    def checkpoint(self) -> None:
-        """Save the engine, the run's state and this rank's data position; the new fallback."""
+    def checkpoint(self, preempted: bool = False) -> None:
+        """Save the engine, the run's state and its data position (every rank's, merged); the new
+        fallback. Every `checkpoint.layout_free_every`-th save, and the last or a preempted one,
+        also writes the optimizer state whole, for a resume in another layout."""
         cfg, step = self.cfg, self.state.step
         self.watchdog.beat(step, "checkpoint save")
         start = time.time()
+        self.saves += 1
+        every = cfg.checkpoint.layout_free_every
+        layout_free = bool(every) and (self.saves % every == 0 or preempted or step == cfg.train.steps)
+        states = [None] * self.layout.world_size
+        torch.distributed.all_gather_object(states, self.data.loader.state_dict())
+        data_state = type(self.data.loader).merge(states) if self.rank == 0 else None
+        gather_start = time.time()
+        optimizer_state = gather_optimizer_state(self.engine) if layout_free else None
+        gather_seconds = time.time() - gather_start
         path = save_checkpoint(
             self.engine, self.ckpt_root, step, config=cfg.to_dict(), tokenizer_path=self.tok.path,
-            trainer_state=self.state.state_dict(), rank_state={"data": self.data.loader.state_dict()},
+            trainer_state=self.state.state_dict(), data_state=data_state, optimizer_state=optimizer_state,
             keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every)
         seconds = time.time() - start
-        self.log.log(step, {"checkpoint/seconds": seconds})
-        self.log.print(f"step {step}: saved {path} in {seconds:.1f} s")
+        record = {"checkpoint/seconds": seconds}
+        extra = ""
+        if layout_free:
+            size = (path / OPTIMIZER_FILE).stat().st_size if self.rank == 0 else 0
+            record.update({"checkpoint/layout_free_gather_seconds": gather_seconds,
+                           "checkpoint/layout_free_bytes": size})
+            extra = f" (layout-free optimizer state {size / 2 ** 20:.1f} MiB, gathered in {gather_seconds:.1f} s)"
+        self.log.log(step, record)
+        self.log.print(f"step {step}: saved {path} in {seconds:.1f} s{extra}")
         self.state.saved(path)
 
     def closing_sample(self) -> None:

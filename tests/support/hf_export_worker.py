@@ -86,7 +86,7 @@ def run_layout(out: Path, layout: str, tokenizer: Path, mask_id: int) -> None:
     checkpoint = save_checkpoint(
         engine, out / "checkpoints", STEPS, config=cfg.to_dict(), tokenizer_path=tokenizer,
         trainer_state={"tokens_seen": 0, "guard": {}, "layout": {"tensor_parallel": cfg.parallel.tensor_parallel}},
-        rank_state={})
+        data_state=None)
     ids = torch.randint(0, MODEL.vocab_size, (3, SEQ), generator=torch.Generator().manual_seed(99))
     trained = logits_of(engine, ids)
 

@@ -34,7 +34,7 @@ def main(out_path: str, data_dir: str, tokenizer_sha256: str, vocab_size: int) -
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
     grid = coordinates(rank, world, tp_size=2)
-    common = dict(seq_len=16, batch_size=2, seed=7, num_workers=2, vocab_size=vocab_size,
+    common = dict(seq_len=16, batch_size=2, grad_accum=1, seed=7, num_workers=2, vocab_size=vocab_size,
                   tokenizer_sha256=tokenizer_sha256, variable_length_prob=0.3)
     sources = [SourceSpec("corpus", data_dir, 1.0)]
     by_dp_rank = batch_hashes(TokenBatchLoader(sources, dp_rank=grid.dp_rank, dp_size=grid.dp_size, **common), 6)

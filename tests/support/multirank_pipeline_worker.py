@@ -13,12 +13,15 @@ model over the same micro-batches with the same noise (the PP=1 computation).
   against the reference's step-3 weights, its export to the released format loaded by
   `AutoModel(trust_remote_code=True)` against the pipeline's own logits; `logits_positions`, the
   last stage's head at selected positions only, against those logits), then a fresh engine
-  resumed from it for steps 4-5 against the uninterrupted run. Controls: a restart from the
+  resumed from it for steps 4-5 against the uninterrupted run, and another resumed from its
+  layout-free form (whole weights and `optimizer.safetensors`). Controls: a restart from the
   checkpoint's weights only (optimizer state dropped); the shortened micro-batches padded back
   to full length.
 - "pp4" (4 ranks): PP=2 x TP=2 (megatron-core layers inside each stage, fused projections,
   full activation checkpointing, chunked head) and PP=2 x DP=2, each against the reference. Control: PP=2 x
-  TP=2 with a DeepSpeed topology that lacks the tensor-parallel axis.
+  TP=2 with a DeepSpeed topology that lacks the tensor-parallel axis. Under PP=2 x DP=2 the
+  layout-free optimizer state gathered over stages and replicas holds the master weights (in
+  fp32, the weights) under every released name.
 """
 
 import copy
@@ -36,6 +39,7 @@ from parallel import engine as ds
 from parallel.model import LLaDAModel
 from parallel.model_config import ModelConfig
 from parallel.topology import coordinates
+from pretrain.checkpoint.optimizer_state import STATE_KEYS, gather_optimizer_state, load_optimizer_state
 from pretrain.checkpoint.store import load_full_state, save_checkpoint
 from pretrain.diffusion.objectives import pretrain_loss_from_ce
 from pretrain.training.config import RunConfig
@@ -175,7 +179,7 @@ def scenario_pp2(out_dir: Path, tokenizer: Path, mask_id: int) -> dict:
     layout = resolve_layout(cfg, dist.get_world_size())
     checkpoint = save_checkpoint(engine, out_dir / "checkpoints", 3, config=cfg.to_dict(), tokenizer_path=tokenizer,
                                  trainer_state={"tokens_seen": 0, "guard": {}, "layout": layout.checkpoint_key()},
-                                 rank_state={})
+                                 data_state=None, optimizer_state=gather_optimizer_state(engine))
     forward = PipelineForward(engine.module).eval()
     logits_3 = forward(ids)
     picked = torch.tensor([11, 2, 5])
@@ -194,6 +198,12 @@ def scenario_pp2(out_dir: Path, tokenizer: Path, mask_id: int) -> dict:
     resumed_whole = resumed.module.whole_state_dict()
     out["resumed_losses"], out["uninterrupted_losses"] = resumed_losses, more_losses
     out["resumed_weights_diff"] = weight_diff(resumed_whole, whole) if whole is not None else 0.0
+
+    # the layout-free form (optimizer.safetensors, gathered over the stages) into a fresh engine
+    reloaded = engine_for(cfg, weights=checkpoint)
+    load_optimizer_state(reloaded, checkpoint)
+    reloaded_losses, _ = train_steps(reloaded, cfg, data, range(3, STEPS), mask_id)
+    out["layout_free_resumed_loss"] = relative(reloaded_losses, more_losses)
 
     # control: the checkpoint's weights without its optimizer state
     restarted = engine_for(cfg, weights=checkpoint)
@@ -263,7 +273,15 @@ def scenario_pp4(out_dir: Path, tokenizer: Path, mask_id: int) -> dict:
     engine = engine_for(cfg)
     out["dp_dp_world_size"] = engine.dp_world_size
     losses, norms = train_steps(engine, cfg, data, range(STEPS), mask_id)
-    compare(out, "dp", ref, losses, norms, engine.module.whole_state_dict())
+    whole = engine.module.whole_state_dict()
+    compare(out, "dp", ref, losses, norms, whole)
+    # the optimizer state gathered over stages and replicas: in fp32 its master weights are the weights
+    optimizer = gather_optimizer_state(engine)
+    if optimizer is not None:
+        tensors = optimizer.tensors
+        out["dp_master_weights"] = weight_diff({k.removeprefix("fp32/"): v for k, v in tensors.items()
+                                                if k.startswith("fp32/")}, whole)
+        out["dp_state_names"] = sorted(tensors) == sorted(f"{key}/{name}" for key in STATE_KEYS for name in whole)
     return out
 
 
