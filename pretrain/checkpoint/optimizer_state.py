@@ -14,10 +14,10 @@ The route through DeepSpeed, by engine:
 - ZeRO-3 (`parallel.zero_stage: 3`): `deepspeed.utils.safe_get_full_fp32_param` /
   `safe_get_full_optimizer_state` all-gather a parameter's fp32 partitions over the
   data-parallel group; the `safe_set_full_*` pair writes this rank's partition back;
-- ZeRO-1/2 and the bf16 optimizer (the pipeline engine's ZeRO-0/1 in bf16 too): the same
-  functions, through the engine's fp32 fragment of each parameter (`_hp_mapping`);
-- ZeRO-0 in fp32 (the pipeline engine's default on CPU): the torch optimizer holds each
-  parameter itself; its `state` is read and written directly.
+- ZeRO-1/2 (the pipeline engine's ZeRO-1 too): the same functions, through the engine's fp32
+  fragment of each parameter (`_hp_mapping`);
+- ZeRO-0 (fp32 only: bf16 with fp32 gradient accumulation needs ZeRO): the torch optimizer
+  holds each parameter itself; its `state` is read and written directly.
 DeepSpeed creates Adam's moments lazily, at the first step: on load they are created first
 (zeros, then overwritten), as a torch `load_state_dict` would, and the fp32 fragments linked.
 
@@ -68,13 +68,13 @@ class GatheredOptimizerState:
 
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer inside DeepSpeed's wrapper (ZeRO and bf16 wrap one; ZeRO-0 in fp32 is one)."""
+    """The torch optimizer inside DeepSpeed's wrapper (ZeRO wraps one; ZeRO-0 in fp32 is one)."""
     optimizer = engine.optimizer
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
 
 
 def _through_deepspeed(param: torch.nn.Parameter) -> bool:
-    """Whether DeepSpeed keeps this parameter's fp32 state apart from it (ZeRO-3, ZeRO-1/2, bf16)."""
+    """Whether DeepSpeed keeps this parameter's fp32 state apart from it (ZeRO-1/2/3)."""
     return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
@@ -142,7 +142,7 @@ def _create_adam_state(engine, step: int) -> None:
 
 
 def _link_fragments(engine) -> None:
-    """Point each parameter's fp32 fragment (ZeRO-1/2, the bf16 optimizer) at the optimizer's current
+    """Point each parameter's fp32 fragment (ZeRO-1/2) at the optimizer's current
     state. DeepSpeed links them once, at its first step, before AdamW has created its moments (the
     fragments then miss them), and never again: relink, which is idempotent."""
     if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
