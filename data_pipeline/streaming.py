@@ -112,8 +112,12 @@ class StreamConfig:
     def rank_lanes(self) -> list[int]:
         return [self.lane(j) for j in range(self.rank_rows)]
 
+    def worker_of(self, rank_row: int) -> int:
+        """The logical worker that reads this rank's row `rank_row` = micro_step * batch_size + row."""
+        return rank_row % self.workers
+
     def worker_rows(self, worker: int) -> list[int]:
-        return [j for j in range(self.rank_rows) if j % self.workers == worker]
+        return [j for j in range(self.rank_rows) if self.worker_of(j) == worker]
 
 
 @dataclass
@@ -191,7 +195,7 @@ class WorkerStream:
             keyed_generator(config.seed, "length", step, micro_step * config.dp_size + config.dp_rank),
             config.variable_length_prob, config.seq_len)
         read = length if config.variable_length_mode == "carry" else config.seq_len
-        rows = [i for i in range(config.batch_size) if (micro_step * config.batch_size + i) % config.workers
+        rows = [i for i in range(config.batch_size) if config.worker_of(micro_step * config.batch_size + i)
                 == self.worker]
         tokens = np.empty((len(rows), read), dtype=np.int64)
         source_tokens = {source.name: 0 for source in self.sources}

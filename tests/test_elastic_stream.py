@@ -12,12 +12,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from support.trainer_order import step_micro_batches
 
 from data_pipeline.seeding import keyed_generator
 from data_pipeline.shards import Manifest, read_manifest, shard_name, write_manifest, write_shard
 from data_pipeline.stream_state import SourceCursor, start_position
 from data_pipeline.streaming import SourceSpec, TokenBatchLoader, load_sources
-from pretrain.training.step_loss import first_global_row
 
 VOCAB = 300_000
 SHA = "6" * 64
@@ -63,13 +63,11 @@ def run_steps(loaders, steps):
     batches = []
     for _ in range(steps):
         rows = {}
-        for micro_step in range(config.grad_accum):
-            for rank, loader in enumerate(loaders):
-                batch = next(loader)
-                first_row = first_global_row(micro_step, rank, config.dp_size, config.batch_size)
-                assert batch.lanes == tuple(range(first_row, first_row + config.batch_size))
-                for lane, row in zip(batch.lanes, batch.input_ids.numpy()):
-                    rows[lane] = row
+        for first_row, batch in step_micro_batches(loaders, dp_size=config.dp_size,
+                                                   micro_batch_size=config.batch_size, grad_accum=config.grad_accum):
+            assert batch.lanes == tuple(range(first_row, first_row + config.batch_size))
+            for lane, row in zip(batch.lanes, batch.input_ids.numpy()):
+                rows[lane] = row
         assert sorted(rows) == list(range(config.global_batch_size))
         batches.append(rows)
     for loader in loaders:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.trainer_order import step_micro_batches
 
 from data_pipeline.corpus import stdlib_root
 from data_pipeline.sft import SFTBatches, SFTStream, load_sft_pairs
 from data_pipeline.tokenizer import train_bpe
-from pretrain.training.step_loss import first_global_row
 
 SEQ_LEN = 96
 IDENTITY = {"conversations_sha256": "c0ffee", "tokenizer_sha256": "beef"}
@@ -53,15 +53,12 @@ def read_steps(streams, n_steps, eos_id, keep_padding=False):
     steps = []
     for _ in range(n_steps):
         rows = {}
-        for micro_step in range(b.grad_accum):
-            for rank, stream in enumerate(streams):
-                batch = next(stream)
-                first = first_global_row(micro_step, rank, b.dp_size, b.batch_size)
-                for i, (ids, prompt_length) in enumerate(zip(batch.input_ids.tolist(),
-                                                             batch.prompt_lengths.tolist())):
-                    while not keep_padding and ids[-1] == eos_id:
-                        ids = ids[:-1]
-                    rows[first + i] = (ids, prompt_length)
+        for first, batch in step_micro_batches(streams, dp_size=b.dp_size, micro_batch_size=b.batch_size,
+                                               grad_accum=b.grad_accum):
+            for i, (ids, prompt_length) in enumerate(zip(batch.input_ids.tolist(), batch.prompt_lengths.tolist())):
+                while not keep_padding and ids[-1] == eos_id:
+                    ids = ids[:-1]
+                rows[first + i] = (ids, prompt_length)
         assert sorted(rows) == list(range(b.global_batch_size))
         steps.append([rows[g] for g in range(b.global_batch_size)])
     return steps

@@ -33,8 +33,6 @@ writes it every N-th save only.
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,7 +43,7 @@ from safetensors.torch import save_file
 from parallel.engine import full_state_dict
 from parallel.fused_projections import ModelParameter, local_from_released
 from pretrain.checkpoint.hf_format import expected_tensors
-from pretrain.checkpoint.safetensors_stream import read_header, read_tensor
+from pretrain.checkpoint.safetensors_stream import read_header, read_metadata, read_tensor
 from pretrain.checkpoint.store import CheckpointError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -119,15 +117,9 @@ def gather_optimizer_state(engine) -> GatheredOptimizerState | None:
     return GatheredOptimizerState(out, optimizer_step_count(engine)) if out is not None else None
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length)).get("__metadata__", {})
-
-
 def _create_adam_state(engine, step: int) -> None:
     """AdamW's per-tensor state as its first step would create it (moments zero, step `step`), so
-    the values can be written into it; then DeepSpeed's fp32 fragments are linked to it."""
+    the values can be written into it (`_link_fragments` then points DeepSpeed's fragments at it)."""
     optimizer = _torch_optimizer(engine)
     # ZeRO-3 steps one flat fp32 partition per sub-group, swapping it into the param group at its turn
     flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
@@ -138,7 +130,6 @@ def _create_adam_state(engine, step: int) -> None:
         state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
         for key in STATE_KEYS[1:]:
             state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
-    _link_fragments(engine)
 
 
 def _link_fragments(engine) -> None:
@@ -157,7 +148,7 @@ def load_optimizer_state(engine, checkpoint: Path) -> int:
     path = checkpoint / OPTIMIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"{checkpoint} has no {OPTIMIZER_FILE} (the layout-free optimizer state)")
-    metadata = _metadata(path)
+    metadata = read_metadata(path)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {metadata.get('format')!r}, expected {FORMAT!r}")
     entries = read_header(path)
@@ -166,6 +157,7 @@ def load_optimizer_state(engine, checkpoint: Path) -> int:
     _check_names(entries, module, path)
     step = int(metadata["step"])
     _create_adam_state(engine, step)
+    _link_fragments(engine)
     optimizer = _torch_optimizer(engine)
     for p in params:
         for key in STATE_KEYS:

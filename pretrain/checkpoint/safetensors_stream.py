@@ -50,9 +50,8 @@ class TensorEntry:
         return DTYPES[self.dtype]
 
 
-def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
-    """The tensors of one .safetensors file, in file order, without reading their data."""
-    path = Path(path)
+def _read_json_header(path: Path) -> tuple[dict, int, int]:
+    """(the JSON header, its length, the file size) of one .safetensors file, checked."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -63,9 +62,20 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
             raise SafetensorsError(f"{path}: header length {header_len} does not fit the file "
                                    f"({size} bytes); the file is truncated or not safetensors")
         try:
-            header = json.loads(f.read(header_len))
+            return json.loads(f.read(header_len)), header_len, size
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SafetensorsError(f"{path}: unreadable header ({e})") from None
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` strings of one .safetensors file ({} when it has none)."""
+    return _read_json_header(Path(path))[0].get("__metadata__", {})
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """The tensors of one .safetensors file, in file order, without reading their data."""
+    path = Path(path)
+    header, header_len, size = _read_json_header(path)
     data_start = 8 + header_len
     entries = {}
     for name, meta in header.items():
